@@ -1,0 +1,65 @@
+"""User-facing model object: `sjd2_jax.load(path)` and `model.logits(token_ids)`."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sjd2_jax import checkpoint as ckpt
+from sjd2_jax import model as M
+from sjd2_jax.config import ModelConfig
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _full_logits(params, cfg: ModelConfig, token_ids):
+    B, T = token_ids.shape
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    hidden, _ = M.forward(params, cfg, M.embed(params, cfg, token_ids), positions)
+    return M.lm_logits(params, cfg, hidden)
+
+
+class Model:
+    """A loaded checkpoint: config, parameters (a pytree, pass it into jit) and metadata."""
+
+    def __init__(self, config: ModelConfig, params, path: Path | None = None, hf_config: dict | None = None):
+        self.config = config
+        self.params = params
+        self.path = path
+        self.hf_config = hf_config or {}
+
+    @property
+    def vocabulary(self) -> dict[str, int]:
+        """Token name -> id, from the checkpoint's vocabulary_map (empty if none)."""
+        return dict(self.hf_config.get("vocabulary_map") or {})
+
+    def logits(self, token_ids) -> jax.Array:
+        """float32 [B, T, V] next-token logits for int [B, T] token ids (full causal pass, no masking)."""
+        ids = jnp.asarray(token_ids, dtype=jnp.int32)
+        if ids.ndim != 2:
+            raise ValueError(f"token_ids must be [batch, length], got shape {ids.shape}")
+        bad = np.asarray((ids < 0) | (ids >= self.config.vocab_size))
+        if bad.any():
+            raise ValueError(f"token ids out of range [0, {self.config.vocab_size})")
+        return _full_logits(self.params, self.config, ids)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"Model({c.family}, layers={c.num_layers}, hidden={c.hidden_size}, heads={c.num_heads}/"
+                f"{c.num_kv_heads}, vocab={c.vocab_size}, dtype={c.dtype}, path={self.path})")
+
+
+def load(path, dtype: str | None = None, shardings=None) -> Model:
+    """Load an sjd2-jax checkpoint folder (as written by `python -m convert import`)."""
+    path = Path(path)
+    cfg = ckpt.read_config(path)
+    if dtype is not None:
+        cfg = cfg.replace(dtype=dtype)
+    params = ckpt.load_params(path, cfg, shardings=shardings)
+    hf = path / ckpt.HF_CONFIG_FILE
+    hf_config = json.loads(hf.read_text()) if hf.is_file() else {}
+    return Model(cfg, params, path=path, hf_config=hf_config)

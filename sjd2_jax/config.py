@@ -1,0 +1,92 @@
+"""Model configuration: one frozen, hashable dataclass, usable as a static jit argument."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax.numpy as jnp
+
+FAMILIES = ("chameleon", "emu3", "janus")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Decoder-only transformer covering Chameleon (qk-norm) and Llama-style families.
+
+    `qk_norm_groups` is the leading dim of the stored q/k LayerNorm affine: the HF
+    layout stores one row per head ([heads, head_dim]); Lumina-mGPT stores one row per
+    model-parallel group ([mp, head_dim]) and broadcasts over the heads of the group.
+    """
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    head_dim: int | None = None  # default hidden_size // num_heads
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    qk_norm: bool = False
+    qk_norm_groups: int | None = None  # default num_heads (HF layout); k uses the same ratio
+    qk_norm_eps: float = 1e-5  # hard-coded in Chameleon
+    swin_norm: bool = False
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 4096
+    dtype: str = "float32"  # parameter and activation dtype; norms, RoPE and softmax run in f32
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown model family {self.family!r}; expected one of {FAMILIES}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {tuple(DTYPES)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+        if self.qk_norm:
+            if self.num_heads % self.q_groups or self.num_kv_heads % self.k_groups:
+                raise ValueError(
+                    f"qk_norm_groups {self.qk_norm_groups} does not divide the heads "
+                    f"({self.num_heads} query, {self.num_kv_heads} key/value)"
+                )
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+    @property
+    def q_groups(self) -> int:
+        return self.qk_norm_groups if self.qk_norm_groups is not None else self.num_heads
+
+    @property
+    def k_groups(self) -> int:
+        # HF stores k_norm as [num_kv_heads, hd]; Lumina stores [mp, hd] for both q and k.
+        if self.qk_norm_groups is None or self.qk_norm_groups == self.num_heads:
+            return self.num_kv_heads
+        return self.qk_norm_groups
+
+    @property
+    def jnp_dtype(self):
+        return DTYPES[self.dtype]
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "ModelConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise ValueError(f"unknown model config keys: {unknown}")
+        return cls(**d)
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=2, sort_keys=True)
