@@ -2,9 +2,8 @@
 
 Plain cross-entropy against the next clean token id over the positions of the
 loss mask, averaged over those positions. As a metric it is also split by the
-noise level of the query position's input (level 0: the position's input is
-clean; the position still sees noisy inputs before it only if it is itself
-noisy, since noisy segments come after the clean prefix).
+noise level of the query position's own input (level 0 = clean input; with the
+training builder's layout such a position also has only clean inputs before it).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sjd2_jax.standardize import EmbedStats, clean_points, mean_clean_point
+from sjd2_jax.standardize import EmbedStats, clean_points, embedding_stats, mean_clean_point
 
 PARAMETRIZATIONS = ("flow", "vp")
 E0_HAT_MODES = ("sample", "mean")
@@ -125,7 +125,7 @@ def alpha_sigma(cfg: NoiseConfig) -> tuple[jax.Array, jax.Array]:
 
 
 def _gather(table: np.ndarray, level: jax.Array) -> jax.Array:
-    """table[level] as float32 with a trailing axis for broadcasting over D."""
+    """table[level] as float32 with a trailing axis for broadcasting over D (levels clipped to 0..K)."""
     return jnp.take(jnp.asarray(table, jnp.float32), level, mode="clip")[..., None]
 
 
@@ -151,6 +151,16 @@ def denoise_step(z: jax.Array, level: jax.Array, e0_hat: jax.Array,
     r, c = _gather(t["step_r"], level), _gather(t["step_c"], level)
     z_new = r * z.astype(jnp.float32) + c * e0_hat.astype(jnp.float32)
     return z_new, jnp.maximum(level - 1, 0)
+
+
+def stats_for_config(cfg: NoiseConfig, table: jax.Array,
+                     image_rows: jax.Array | None = None) -> EmbedStats:
+    """Embedding statistics per `cfg.stats`: all rows, or only `image_rows` (bool [V]) for "image"."""
+    if cfg.stats == "all":
+        return embedding_stats(table)
+    if image_rows is None:
+        raise ValueError("stats='image' needs image_rows")
+    return embedding_stats(table, image_rows)
 
 
 def predict_e0(cfg: NoiseConfig, table: jax.Array, stats: EmbedStats, *,

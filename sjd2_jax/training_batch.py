@@ -58,19 +58,26 @@ class TrainingExample(NamedTuple):
     is_timestep: jax.Array  # bool [L]
 
 
+def _uniform_int(u: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
+    """Integers uniform in [lo, hi) from uniforms u in [0, 1) (clipped against float rounding)."""
+    return jnp.minimum(lo + jnp.floor(u * (hi - lo)).astype(jnp.int32), hi - 1)
+
+
 def sample_levels(key: jax.Array, noisable: jax.Array, num_levels: int,
                   cfg: TrainBatchConfig) -> jax.Array:
     """Per-position noise levels int32 [T] for one sequence (0 outside `noisable` [T])."""
-    k_clean, k_prefix, k_cuts, k_levels = jax.random.split(key, 4)
+    s = cfg.num_segments
+    # One uniform draw for every choice: far cheaper to compile than several randint calls.
+    u = jax.random.uniform(key, (2 * s + 1,))
     noisable = noisable.astype(jnp.bool_)
     n = jnp.sum(noisable, dtype=jnp.int32)
     rank = jnp.cumsum(noisable, dtype=jnp.int32) - 1  # ordinal among noisable positions
-    prefix = jax.random.randint(k_prefix, (), 0, jnp.maximum(n, 1))
-    cuts = jnp.sort(jax.random.randint(k_cuts, (cfg.num_segments - 1,), prefix, n + 1))
-    seg = jnp.sum(rank[:, None] >= cuts[None, :], axis=-1)  # 0..S-1
-    seg_levels = jnp.sort(jax.random.randint(k_levels, (cfg.num_segments,), 1, num_levels + 1))
+    prefix = _uniform_int(u[0], 0, jnp.maximum(n, 1))  # clean image tokens, in [0, n)
+    cuts = jnp.sort(_uniform_int(u[1:s], prefix, n + 1))  # s - 1 cut points in [prefix, n]
+    seg = jnp.sum(rank[:, None] >= cuts[None, :], axis=-1)  # segment index 0..s-1
+    seg_levels = jnp.sort(_uniform_int(u[s:2 * s], 1, num_levels + 1))  # non-decreasing
     level = jnp.where(noisable & (rank >= prefix), seg_levels[seg], 0)
-    clean = jax.random.bernoulli(k_clean, cfg.clean_prob)
+    clean = u[2 * s] < cfg.clean_prob
     return jnp.where(clean, 0, level).astype(jnp.int32)
 
 

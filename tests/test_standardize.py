@@ -19,18 +19,31 @@ def random_table(seed, v, d):
     return (offset + scale * rng.standard_normal((v, d))).astype(np.float32)
 
 
-@settings(max_examples=25, deadline=None)
-@given(v=st.integers(2, 64), d=st.integers(1, 24), seed=st.integers(0, 2**31 - 1))
+# Shapes come from small sets so eager JAX reuses its compiled ops; seeds vary freely.
+SHAPES = dict(v=st.sampled_from([2, 7, 64]), d=st.sampled_from([1, 5, 24]),
+              seed=st.integers(0, 2**31 - 1))
+
+
+@settings(max_examples=20, deadline=None)
+@given(**SHAPES)
 def test_standardized_table_has_mean_zero_std_one(v, d, seed):
     table = random_table(seed, v, d)
     z = np.asarray(standardize(table, embedding_stats(jnp.asarray(table))), np.float64)
-    # float32 statistics of O(1..4) values: errors are a few ulps times sqrt(V).
-    np.testing.assert_allclose(z.mean(axis=0), 0.0, atol=1e-5)
+    # float32 rounding of a value ~|mu| is ~6e-8 |mu|; in standardized units that is
+    # 6e-8 |mu| / sd, so the budget scales with the offset-to-spread ratio of each column.
+    t64 = table.astype(np.float64)
+    ratio = 1.0 + np.abs(t64.mean(0)) / t64.std(0)
+    assert np.all(np.abs(z.mean(axis=0)) < 4e-6 * ratio + 1e-6)
     np.testing.assert_allclose(z.std(axis=0), 1.0, rtol=1e-5)
 
 
-@settings(max_examples=25, deadline=None)
-@given(v=st.integers(2, 64), d=st.integers(1, 24), seed=st.integers(0, 2**31 - 1))
+# Shapes come from small sets so eager JAX reuses its compiled ops; seeds vary freely.
+SHAPES = dict(v=st.sampled_from([2, 7, 64]), d=st.sampled_from([1, 5, 24]),
+              seed=st.integers(0, 2**31 - 1))
+
+
+@settings(max_examples=20, deadline=None)
+@given(**SHAPES)
 def test_inverse_is_exact_to_float32_rounding(v, d, seed):
     table = random_table(seed, v, d)
     stats = embedding_stats(jnp.asarray(table))
@@ -69,7 +82,7 @@ def test_clean_and_mean_points_match_numpy_reference():
     ids = jnp.asarray(np.random.default_rng(3).integers(0, v, size=(3, 5)))
     np.testing.assert_allclose(np.asarray(clean_points(jnp.asarray(table), ids, stats)),
                                ztab[np.asarray(ids)], atol=1e-5)
-    probs = jax.nn.softmax(jax.random.normal(jax.random.key(4), (3, 5, v)) * 2.0)
+    probs = jax.nn.softmax(jnp.asarray(np.random.default_rng(4).standard_normal((3, 5, v)) * 2.0))
     want = np.asarray(probs, np.float64) @ ztab
     got = np.asarray(mean_clean_point(jnp.asarray(table), probs, stats))
     np.testing.assert_allclose(got, want, atol=1e-5)
