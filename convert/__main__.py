@@ -14,13 +14,14 @@ USAGE_ERRORS = 2
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m convert",
-        description="Import PyTorch/safetensors checkpoints (Chameleon / Lumina-mGPT) into sjd2-jax, "
+        description="Import PyTorch/safetensors checkpoints (Chameleon / Lumina-mGPT, Emu3, Janus-Pro) into sjd2-jax, "
         "export them back to the HF layout, and check logits against transformers.",
     )
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     imp = sub.add_parser("import", help="source checkpoint folder -> sjd2-jax checkpoint folder")
-    imp.add_argument("src", type=Path, help="folder with config.json and *.safetensors (plus index if sharded)")
+    imp.add_argument("src", type=Path, help="folder with config.json and *.safetensors or pytorch_model*.bin "
+                     "(plus index if sharded)")
     imp.add_argument("out", type=Path, help="new output folder (must not exist)")
     imp.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                      help="parameter dtype (default: the source's; float16 sources become float32)")
@@ -52,13 +53,18 @@ def _run(args) -> int:
     if args.cmd == "import":
         r = import_checkpoint(args.src, args.out, dtype=args.dtype)
         print(f"imported {r['family']} ({r['layout']} layout, {r['tensors']} tensors, {r['dtype']}) -> {r['out']}")
+        cast = [d for d in r.get("source_dtypes", []) if d != {"float32": "F32", "bfloat16": "BF16"}[r["dtype"]]]
+        if cast:
+            print(f"cast {'/'.join(cast)} source tensors to {r['dtype']} (round to nearest even)")
         if r["aside_tensors"]:
-            print(f"kept {r['aside_tensors']} VQ-encoder tensors aside (aside.safetensors; unused by the LM)")
+            print(f"kept {r['aside_tensors']} tensors aside in aside.safetensors: {r.get('aside_note', '')}")
     elif args.cmd == "export":
         if args.max_shard_gb <= 0:
             raise ValueError("--max-shard-gb must be positive")
         r = export_checkpoint(args.ckpt, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 2**30))
         print(f"exported {r['tensors']} tensors ({r['dtype']}) -> {r['out']}: {', '.join(r['files'])}")
+        if r.get("skipped_aside"):
+            print(f"left out {r['skipped_aside']} aside tensors: {r['aside_note']}")
     elif args.cmd == "check":
         if args.length < 1 or args.batch < 1:
             raise ValueError("--length and --batch must be positive")

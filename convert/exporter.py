@@ -32,7 +32,7 @@ def export_checkpoint(ckpt_dir, out, dtype: str | None = None, max_shard_bytes: 
     hf_file = ckpt_dir / ckpt.HF_CONFIG_FILE
     hf_source = json.loads(hf_file.read_text()) if hf_file.is_file() else {}
     src = meta.get("source", {})
-    layout = F.Layout(cfg.family, src.get("layout", "hf"), tuple(src.get("aside_prefixes", ())))
+    layout = F.get_layout(cfg.family, src.get("layout", "hf"))
     params = ckpt.load_params(ckpt_dir, cfg)
     target = NP_DTYPES[dtype]
 
@@ -41,15 +41,22 @@ def export_checkpoint(ckpt_dir, out, dtype: str | None = None, max_shard_bytes: 
 
     pending = [st.PendingTensor(e.hf, F.hf_shape(cfg, e), target, lambda e=e: produce(e)) for e in F.entries(cfg, layout)]
     aside_file = ckpt_dir / ckpt.ASIDE_FILE
+    skipped = 0
     if aside_file.is_file():
         infos, _ = st.read_header(aside_file)
-        pending += [st.PendingTensor(i.name, i.shape, st.DTYPES[i.dtype], lambda i=i: st.read_tensor(i)) for i in infos]
+        for i in infos:
+            name = F.aside_to_hf(layout, i.name)  # None: no HF name for it (see the layout's note)
+            if name is None:
+                skipped += 1
+                continue
+            pending.append(st.PendingTensor(name, i.shape, st.DTYPES[i.dtype], lambda i=i: st.read_tensor(i)))
     with ckpt.atomic_output_dir(out) as tmp:
         files = st.write_sharded(tmp, pending, max_shard_bytes, metadata={"format": "pt"})
-        hf_cfg = F.export_hf_config(hf_source, cfg, dtype)
+        hf_cfg = F.export_hf_config(hf_source, cfg, dtype, layout)
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
         copied = ckpt.copy_tokenizer_files(ckpt_dir, tmp)
         for name in EXTRA_FILES:
             if (ckpt_dir / name).is_file():
                 shutil.copy2(ckpt_dir / name, tmp / name)
-    return {"files": files, "tensors": len(pending), "dtype": dtype, "tokenizer_files": copied, "out": str(out)}
+    return {"files": files, "tensors": len(pending), "dtype": dtype, "tokenizer_files": copied, "out": str(out),
+            "skipped_aside": skipped, "aside_note": layout.note}

@@ -121,7 +121,9 @@ def write_file(path: Path, tensors: list[PendingTensor], metadata: dict | None =
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for t in tensors:
-            arr = np.ascontiguousarray(t.produce())
+            arr = np.asarray(t.produce())
+            if not arr.flags.c_contiguous:  # (np.ascontiguousarray would turn a 0-d scalar into shape [1])
+                arr = np.ascontiguousarray(arr)
             if arr.shape != tuple(t.shape) or arr.dtype != np.dtype(t.dtype):
                 raise ValueError(f"{t.name}: produced {arr.dtype}{list(arr.shape)}, declared {t.dtype}{list(t.shape)}")
             f.write(memoryview(arr.reshape(-1).view(np.uint8)))

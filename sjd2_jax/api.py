@@ -23,6 +23,16 @@ def _full_logits(params, cfg: ModelConfig, token_ids):
     return M.lm_logits(params, cfg, hidden)
 
 
+@functools.partial(jax.jit, static_argnums=(1,))
+def _image_logits(params, cfg: ModelConfig, prompt_ids, image_codes):
+    B, P = prompt_ids.shape
+    x = jnp.concatenate([M.embed(params, cfg, prompt_ids).astype(cfg.jnp_dtype), M.gen_embed(params, cfg, image_codes)], 1)
+    T = x.shape[1]
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    hidden, _ = M.forward(params, cfg, x, positions)
+    return M.gen_logits(params, cfg, hidden[:, P - 1 :])
+
+
 class Model:
     """A loaded checkpoint: config, parameters (a pytree, pass it into jit) and metadata."""
 
@@ -46,6 +56,26 @@ class Model:
         if bad.any():
             raise ValueError(f"token ids out of range [0, {self.config.vocab_size})")
         return _full_logits(self.params, self.config, ids)
+
+    def image_logits(self, prompt_ids, image_codes) -> jax.Array:
+        """Janus-Pro: float32 [B, T_codes + 1, image_vocab] generation-head logits.
+
+        prompt_ids int [B, P] (text tokens, text embedding) followed by image_codes int
+        [B, T_codes] (generation embedding + aligner); row t is the prediction after the
+        last prompt token (t = 0) and after image code t (t >= 1).
+        """
+        c = self.config
+        if not c.has_image_head:
+            raise ValueError(f"{c.family} checkpoints have no image-generation head (image_logits is Janus-Pro only)")
+        ids = jnp.asarray(prompt_ids, dtype=jnp.int32)
+        codes = jnp.asarray(image_codes, dtype=jnp.int32)
+        if ids.ndim != 2 or codes.ndim != 2 or ids.shape[0] != codes.shape[0] or ids.shape[1] < 1:
+            raise ValueError(f"prompt_ids [B, P>=1] and image_codes [B, T] expected, got {ids.shape} and {codes.shape}")
+        if np.asarray((ids < 0) | (ids >= c.vocab_size)).any():
+            raise ValueError(f"prompt ids out of range [0, {c.vocab_size})")
+        if np.asarray((codes < 0) | (codes >= c.image_vocab_size)).any():
+            raise ValueError(f"image codes out of range [0, {c.image_vocab_size})")
+        return _image_logits(self.params, c, ids, codes)
 
     def __repr__(self) -> str:
         c = self.config

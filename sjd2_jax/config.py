@@ -38,6 +38,12 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 4096
     dtype: str = "float32"  # parameter and activation dtype; norms, RoPE and softmax run in f32
+    # Janus-Pro image-generation path (0 = absent): code embedding [image_vocab_size,
+    # image_embed_dim] -> aligner MLP -> LM -> generation head MLP (width image_head_dim,
+    # default hidden_size) -> image_vocab_size logits; both MLPs use exact (erf) GELU.
+    image_vocab_size: int = 0
+    image_embed_dim: int = 0
+    image_head_dim: int | None = None
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -48,6 +54,8 @@ class ModelConfig:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.head_dim is None and self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+        if (self.image_vocab_size > 0) != (self.image_embed_dim > 0):
+            raise ValueError("image_vocab_size and image_embed_dim must both be set (generation path) or both be 0")
         if self.qk_norm:
             if self.num_heads % self.q_groups or self.num_kv_heads % self.k_groups:
                 raise ValueError(
@@ -69,6 +77,15 @@ class ModelConfig:
         if self.qk_norm_groups is None or self.qk_norm_groups == self.num_heads:
             return self.num_kv_heads
         return self.qk_norm_groups
+
+    @property
+    def has_image_head(self) -> bool:
+        """True for Janus-Pro: image codes have their own embedding and 16384-way head."""
+        return self.image_vocab_size > 0
+
+    @property
+    def gen_head_dim(self) -> int:
+        return self.image_head_dim if self.image_head_dim is not None else self.hidden_size
 
     @property
     def jnp_dtype(self):

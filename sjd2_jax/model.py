@@ -66,7 +66,25 @@ def param_specs(cfg: ModelConfig) -> Params:
     }
     if not cfg.tie_word_embeddings:
         tree["lm_head"] = ParamSpec((V, D), ("vocab", "embed"))
+    if cfg.has_image_head:
+        tree["gen"] = _gen_specs(cfg)
     return tree
+
+
+def _gen_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
+    """Janus-Pro generation path: code embedding, aligner MLP (E -> D -> D), head MLP (D -> P -> Vi)."""
+    D, E, P, Vi = cfg.hidden_size, cfg.image_embed_dim, cfg.gen_head_dim, cfg.image_vocab_size
+    return {
+        "embed": ParamSpec((Vi, E), ("image_vocab", None)),
+        "aligner_fc1": ParamSpec((D, E), ("embed", None)),
+        "aligner_fc1_b": ParamSpec((D,), ("embed",), "zeros"),
+        "aligner_fc2": ParamSpec((D, D), ("embed", None)),
+        "aligner_fc2_b": ParamSpec((D,), ("embed",), "zeros"),
+        "head_proj": ParamSpec((P, D), ("mlp", "embed")),
+        "head_proj_b": ParamSpec((P,), ("mlp",), "zeros"),
+        "head_out": ParamSpec((Vi, P), ("image_vocab", "mlp")),
+        "head_out_b": ParamSpec((Vi,), ("image_vocab",), "zeros"),
+    }
 
 
 def is_spec(x) -> bool:
@@ -265,3 +283,29 @@ def lm_logits(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
     """Next-token logits in float32, before any image-token masking."""
     w = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
     return jnp.einsum("btd,vd->btv", hidden, w, preferred_element_type=jnp.float32)
+
+
+# ----------------------------------------------------------------------------- Janus-Pro image path
+
+
+def _gelu_exact(x: jax.Array) -> jax.Array:
+    """erf GELU (torch.nn.GELU() / ACT2FN["gelu"]), evaluated in float32."""
+    return jax.nn.gelu(x.astype(jnp.float32), approximate=False).astype(x.dtype)
+
+
+def gen_embed(params: Params, cfg: ModelConfig, codes: jax.Array) -> jax.Array:
+    """Image codes int [B, T] -> LM input embeddings [B, T, D]: code embedding, then the aligner MLP."""
+    g = params["gen"]
+    with jax.named_scope("gen_aligner"):
+        e = jnp.take(g["embed"], codes, axis=0).astype(cfg.jnp_dtype)
+        h = _gelu_exact(linear(e, g["aligner_fc1"]) + g["aligner_fc1_b"])
+        return linear(h, g["aligner_fc2"]) + g["aligner_fc2_b"]
+
+
+def gen_logits(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
+    """Final-normed hidden states [B, T, D] -> float32 image-code logits [B, T, image_vocab_size]."""
+    g = params["gen"]
+    with jax.named_scope("gen_head"):
+        h = _gelu_exact(linear(hidden, g["head_proj"]) + g["head_proj_b"])
+        out = jnp.einsum("btp,vp->btv", h, g["head_out"], preferred_element_type=jnp.float32)
+        return out + g["head_out_b"].astype(jnp.float32)
