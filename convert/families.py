@@ -219,6 +219,16 @@ class Family:
         """HF name for an aside tensor on export, or None to leave it out."""
         return name
 
+    def _detect_by_embedding(self, hf: dict, shapes) -> Layout:
+        """Llama-style families: the layout is whichever key scheme holds the embedding table."""
+        _mixed_up(hf.get("model_type"), self.name, shapes)
+        for name, keys in self._src.items():
+            if keys.embed in shapes:
+                return self.layouts[name]
+        raise ConversionError(
+            f"{self.name} checkpoint without an embedding table under any known name "
+            f"({', '.join(k.embed for k in self._src.values())})")
+
 
 class Chameleon(Family):
     name = "chameleon"
@@ -334,13 +344,7 @@ class Emu3(Family):
     _hf = _LMKeys("text_model.model.", "text_model.lm_head.weight")  # what save_pretrained writes
 
     def detect(self, hf, shapes):
-        _mixed_up(hf.get("model_type"), "emu3", shapes)
-        for name, keys in self._src.items():
-            if keys.embed in shapes:
-                return self.layouts[name]
-        raise ConversionError(
-            "emu3 checkpoint without an embedding table under any known name "
-            f"({', '.join(k.embed for k in self._src.values())})")
+        return self._detect_by_embedding(hf, shapes)
 
     @staticmethod
     def _text(hf: dict) -> tuple[dict, str]:
@@ -416,13 +420,7 @@ class Janus(Family):
     }
 
     def detect(self, hf, shapes):
-        _mixed_up(hf.get("model_type"), "janus", shapes)
-        for name, keys in self._src.items():
-            if keys.embed in shapes:
-                return self.layouts[name]
-        raise ConversionError(
-            "janus checkpoint without an embedding table under any known name "
-            f"({', '.join(k.embed for k in self._src.values())})")
+        return self._detect_by_embedding(hf, shapes)
 
     def config(self, hf, layout, shapes, dtype):
         if layout.name == "hf" or "text_config" in hf:

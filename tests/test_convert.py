@@ -13,6 +13,7 @@ pytestmark = pytest.mark.torch
 
 torch = pytest.importorskip("torch")
 
+from cli_helpers import expect_cli_error  # noqa: E402
 from convert.__main__ import main  # noqa: E402
 from convert.check import check  # noqa: E402
 from convert.importer import import_checkpoint  # noqa: E402
@@ -126,36 +127,22 @@ def _rewrite(src: Path, dst: Path, edit) -> Path:
     return dst
 
 
-def _expect_error(argv, capsys, *needles):
-    out_dir = Path(argv[2])
-    before = set(out_dir.parent.iterdir()) if out_dir.parent.exists() else set()
-    rc = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert rc != 0
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    for n in needles:
-        assert n in err, err
-    after = set(out_dir.parent.iterdir()) if out_dir.parent.exists() else set()
-    assert after == before or after - before == set(), after - before  # no output, no temp folder left
-    return err
 
 
 def test_bad_missing_key(single, tmp_path, capsys):
     src = _rewrite(single, tmp_path / "s", lambda s: s.pop("model.layers.0.mlp.up_proj.weight"))
-    _expect_error(["import", str(src), str(tmp_path / "out" / "o")], capsys, "missing keys", "mlp.up_proj")
+    expect_cli_error(["import", str(src), str(tmp_path / "out" / "o")], capsys, "missing keys", "mlp.up_proj")
     assert not (tmp_path / "out" / "o").exists()
 
 
 def test_bad_extra_key(single, tmp_path, capsys):
     src = _rewrite(single, tmp_path / "s", lambda s: s.update({"model.layers.0.self_attn.extra.weight": np.ones(3, np.float32)}))
-    _expect_error(["import", str(src), str(tmp_path / "o")], capsys, "unknown keys", "self_attn.extra.weight")
+    expect_cli_error(["import", str(src), str(tmp_path / "o")], capsys, "unknown keys", "self_attn.extra.weight")
 
 
 def test_bad_wrong_shape(single, tmp_path, capsys):
     src = _rewrite(single, tmp_path / "s", lambda s: s.update({"model.norm.weight": np.ones(33, np.float32)}))
-    _expect_error(["import", str(src), str(tmp_path / "o")], capsys, "wrong shapes", "model.norm.weight", "[33]")
+    expect_cli_error(["import", str(src), str(tmp_path / "o")], capsys, "wrong shapes", "model.norm.weight", "[33]")
 
 
 def test_bad_unknown_model_type(single, tmp_path, capsys):
@@ -164,7 +151,7 @@ def test_bad_unknown_model_type(single, tmp_path, capsys):
     cfg = json.loads((src / "config.json").read_text())
     cfg["model_type"] = "gpt2"
     (src / "config.json").write_text(json.dumps(cfg))
-    _expect_error(["import", str(src), str(tmp_path / "o")], capsys, "unknown model type", "gpt2")
+    expect_cli_error(["import", str(src), str(tmp_path / "o")], capsys, "unknown model type", "gpt2")
 
 
 def test_bad_truncated_shard(sources, tmp_path, capsys):
@@ -173,7 +160,7 @@ def test_bad_truncated_shard(sources, tmp_path, capsys):
     shard = sorted(src.glob("model-*.safetensors"))[1]
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) - 100])
-    _expect_error(["import", str(src), str(tmp_path / "o")], capsys, "truncated", shard.name)
+    expect_cli_error(["import", str(src), str(tmp_path / "o")], capsys, "truncated", shard.name)
 
 
 def test_bad_duplicate_key_across_shards(sources, tmp_path, capsys):
@@ -186,7 +173,7 @@ def test_bad_duplicate_key_across_shards(sources, tmp_path, capsys):
     k = next(iter(sa))
     sb[k] = sa[k]
     save_file(sb, str(b))
-    _expect_error(["import", str(src), str(tmp_path / "o")], capsys, "duplicate", k)
+    expect_cli_error(["import", str(src), str(tmp_path / "o")], capsys, "duplicate", k)
 
 
 def test_bad_output_exists(single, tmp_path, capsys):
@@ -215,7 +202,7 @@ def test_failure_midway_leaves_nothing(single, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(st, "read_tensor", flaky)
     parent = tmp_path / "p"
     parent.mkdir()
-    _expect_error(["import", str(single), str(parent / "o")], capsys, "truncated while reading")
+    expect_cli_error(["import", str(single), str(parent / "o")], capsys, "truncated while reading")
     assert list(parent.iterdir()) == []
 
 

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.torch
 torch = pytest.importorskip("torch")
 
 import sjd2_jax  # noqa: E402
+from cli_helpers import expect_cli_error  # noqa: E402
 from convert.__main__ import main  # noqa: E402
 from convert.check import check  # noqa: E402
 from convert.exporter import export_checkpoint  # noqa: E402
@@ -145,20 +146,6 @@ def test_rebuilt_vocabulary_map_has_real_ids():
 # ----------------------------------------------------------------------------- bad input
 
 
-def _expect_error(argv, capsys, *needles):
-    out_dir = Path(argv[2])
-    before = set(out_dir.parent.iterdir()) if out_dir.parent.exists() else set()
-    rc = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert rc != 0
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    for n in needles:
-        assert n in err, err
-    after = set(out_dir.parent.iterdir()) if out_dir.parent.exists() else set()
-    assert after == before, after - before  # no output folder, no temp folder left
-    return err
 
 
 def _edit_shard(src: Path, dst: Path, key: str, edit) -> Path:
@@ -182,19 +169,19 @@ def _edit_shard(src: Path, dst: Path, key: str, edit) -> Path:
 def test_bad_missing_key(sources, tmp_path, capsys, layout):
     key = ("text_model." if layout == "hf" else "") + "model.layers.1.mlp.up_proj.weight"
     src = _edit_shard(sources[layout], tmp_path / "s", key, lambda s: s.pop(key))
-    _expect_error(["import", str(src), str(tmp_path / "o")], capsys, "missing keys", key, f"emu3/{layout}")
+    expect_cli_error(["import", str(src), str(tmp_path / "o")], capsys, "missing keys", key, f"emu3/{layout}")
 
 
 def test_bad_extra_key(sources, tmp_path, capsys):
     src = _edit_shard(sources["original"], tmp_path / "s", "model.norm.weight",
                       lambda s: s.update({"model.layers.0.self_attn.q_norm.bias": np.ones(3, np.float32)}))
-    _expect_error(["import", str(src), str(tmp_path / "o")], capsys, "unknown keys", "q_norm.bias")
+    expect_cli_error(["import", str(src), str(tmp_path / "o")], capsys, "unknown keys", "q_norm.bias")
 
 
 def test_bad_wrong_shape(sources, tmp_path, capsys):
     key = "text_model.model.layers.0.post_attention_layernorm.weight"
     src = _edit_shard(sources["hf"], tmp_path / "s", key, lambda s: s.update({key: np.ones((7,), np.float32)}))
-    _expect_error(["import", str(src), str(tmp_path / "o")], capsys, "wrong shapes", key, "[7]")
+    expect_cli_error(["import", str(src), str(tmp_path / "o")], capsys, "wrong shapes", key, "[7]")
 
 
 def test_bad_truncated_shard(sources, tmp_path, capsys):
@@ -202,7 +189,7 @@ def test_bad_truncated_shard(sources, tmp_path, capsys):
     shutil.copytree(sources["original"], src)
     shard = sorted(src.glob("model-*.safetensors"))[1]
     shard.write_bytes(shard.read_bytes()[:-100])
-    _expect_error(["import", str(src), str(tmp_path / "o")], capsys, "truncated", shard.name)
+    expect_cli_error(["import", str(src), str(tmp_path / "o")], capsys, "truncated", shard.name)
 
 
 def test_bad_unknown_model_type(sources, tmp_path, capsys):
@@ -211,7 +198,7 @@ def test_bad_unknown_model_type(sources, tmp_path, capsys):
     cfg = json.loads((src / "config.json").read_text())
     cfg["model_type"] = "Emu4"
     (src / "config.json").write_text(json.dumps(cfg))
-    _expect_error(["import", str(src), str(tmp_path / "o")], capsys, "unknown model type", "Emu4")
+    expect_cli_error(["import", str(src), str(tmp_path / "o")], capsys, "unknown model type", "Emu4")
 
 
 def test_bad_mixed_up_family(sources, tmp_path, capsys):
@@ -220,7 +207,7 @@ def test_bad_mixed_up_family(sources, tmp_path, capsys):
     make_janus_checkpoint(src, layout="hf", hidden_size=32, num_heads=2, num_kv_heads=2, num_layers=1)
     shutil.copy(sources["hf"] / "config.json", src / "config.json")
     capsys.readouterr()
-    _expect_error(["import", str(src), str(tmp_path / "o")], capsys, "mixed-up family", "'emu3'", "janus")
+    expect_cli_error(["import", str(src), str(tmp_path / "o")], capsys, "mixed-up family", "'emu3'", "janus")
 
 
 def test_bad_output_exists(sources, tmp_path, capsys):

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.torch
 torch = pytest.importorskip("torch")
 
 import sjd2_jax  # noqa: E402
+from cli_helpers import expect_cli_error  # noqa: E402
 from convert.__main__ import main  # noqa: E402
 from convert.check import check, reference_image_logits, reference_model  # noqa: E402
 from convert.exporter import export_checkpoint  # noqa: E402
@@ -153,20 +154,6 @@ def test_one_model_implementation_for_all_families():
 # ----------------------------------------------------------------------------- bad input
 
 
-def _expect_error(argv, capsys, *needles):
-    out_dir = Path(argv[2])
-    before = set(out_dir.parent.iterdir()) if out_dir.parent.exists() else set()
-    rc = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert rc != 0
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    for n in needles:
-        assert n in err, err
-    after = set(out_dir.parent.iterdir()) if out_dir.parent.exists() else set()
-    assert after == before, after - before  # no output folder, no temp folder left
-    return err
 
 
 def _edit_bin(src: Path, dst: Path, edit) -> Path:
@@ -182,14 +169,14 @@ def test_bad_bin_not_a_state_dict(sources, tmp_path, capsys):
     src = tmp_path / "s"
     shutil.copytree(sources["orig_bf16_tied"], src)
     torch.save([torch.ones(3), torch.zeros(2)], str(src / "pytorch_model.bin"))
-    _expect_error(["import", str(src), str(tmp_path / "o")], capsys, "pytorch_model.bin", "not a state dict")
+    expect_cli_error(["import", str(src), str(tmp_path / "o")], capsys, "pytorch_model.bin", "not a state dict")
 
 
 def test_bad_bin_with_code(sources, tmp_path, capsys):
     src = tmp_path / "s"
     shutil.copytree(sources["orig_bf16_tied"], src)
     torch.save({"x": torch.ones(1), "obj": shutil.copytree}, str(src / "pytorch_model.bin"))  # not weights_only-safe
-    _expect_error(["import", str(src), str(tmp_path / "o")], capsys, "pytorch_model.bin", "cannot be read")
+    expect_cli_error(["import", str(src), str(tmp_path / "o")], capsys, "pytorch_model.bin", "cannot be read")
 
 
 def test_bad_truncated_bin_shard(sources, tmp_path, capsys):
@@ -197,24 +184,24 @@ def test_bad_truncated_bin_shard(sources, tmp_path, capsys):
     shutil.copytree(sources["orig_sharded"], src)
     shard = sorted(src.glob("pytorch_model-*.bin"))[1]
     shard.write_bytes(shard.read_bytes()[:-1000])
-    _expect_error(["import", str(src), str(tmp_path / "o")], capsys, shard.name)
+    expect_cli_error(["import", str(src), str(tmp_path / "o")], capsys, shard.name)
 
 
 def test_bad_bin_missing_key(sources, tmp_path, capsys):
     src = _edit_bin(sources["orig_bf16_tied"], tmp_path / "s", lambda s: s.pop("gen_head.vision_head.bias"))
-    _expect_error(["import", str(src), str(tmp_path / "o")], capsys, "missing keys", "gen_head.vision_head.bias",
+    expect_cli_error(["import", str(src), str(tmp_path / "o")], capsys, "missing keys", "gen_head.vision_head.bias",
                   "janus/original")
 
 
 def test_bad_bin_extra_key(sources, tmp_path, capsys):
     src = _edit_bin(sources["orig_bf16_tied"], tmp_path / "s",
                     lambda s: s.update({"language_model.model.layers.0.mlp.extra.weight": torch.ones(2)}))
-    _expect_error(["import", str(src), str(tmp_path / "o")], capsys, "unknown keys", "mlp.extra.weight")
+    expect_cli_error(["import", str(src), str(tmp_path / "o")], capsys, "unknown keys", "mlp.extra.weight")
 
 
 def test_bad_bin_wrong_shape(sources, tmp_path, capsys):
     src = _edit_bin(sources["orig_bf16_tied"], tmp_path / "s", lambda s: s.update({"gen_embed.weight": torch.ones(17, 8)}))
-    _expect_error(["import", str(src), str(tmp_path / "o")], capsys, "wrong shapes", "gen_embed.weight", "[17, 8]")
+    expect_cli_error(["import", str(src), str(tmp_path / "o")], capsys, "wrong shapes", "gen_embed.weight", "[17, 8]")
 
 
 def test_bad_hf_tied_config_with_lm_head(sources, tmp_path, capsys):
@@ -224,7 +211,7 @@ def test_bad_hf_tied_config_with_lm_head(sources, tmp_path, capsys):
     cfg = json.loads((src / "config.json").read_text())
     cfg["tie_word_embeddings"] = True
     (src / "config.json").write_text(json.dumps(cfg))
-    _expect_error(["import", str(src), str(tmp_path / "o")], capsys, "unknown keys", "lm_head.weight")
+    expect_cli_error(["import", str(src), str(tmp_path / "o")], capsys, "unknown keys", "lm_head.weight")
 
 
 def test_bad_unknown_model_type(sources, tmp_path, capsys):
@@ -233,7 +220,7 @@ def test_bad_unknown_model_type(sources, tmp_path, capsys):
     cfg = json.loads((src / "config.json").read_text())
     cfg["model_type"] = "deepseek_vl"
     (src / "config.json").write_text(json.dumps(cfg))
-    _expect_error(["import", str(src), str(tmp_path / "o")], capsys, "unknown model type", "deepseek_vl")
+    expect_cli_error(["import", str(src), str(tmp_path / "o")], capsys, "unknown model type", "deepseek_vl")
 
 
 def test_bad_mixed_up_family(sources, tmp_path, capsys):
@@ -242,7 +229,7 @@ def test_bad_mixed_up_family(sources, tmp_path, capsys):
     make_emu3_checkpoint(src, layout="hf", hidden_size=32, num_heads=2, num_kv_heads=1, num_layers=1)
     shutil.copy(sources["hf_tied"] / "config.json", src / "config.json")
     capsys.readouterr()
-    _expect_error(["import", str(src), str(tmp_path / "o")], capsys, "mixed-up family", "'janus'", "emu3")
+    expect_cli_error(["import", str(src), str(tmp_path / "o")], capsys, "mixed-up family", "'janus'", "emu3")
 
 
 def test_bad_output_exists(sources, tmp_path, capsys):
