@@ -291,25 +291,9 @@ class Chameleon(Family):
         return _lm_entries(cfg, self._keys, self._keys)
 
     def export_config(self, hf_source, cfg, dtype, layout):
-        out = dict(hf_source)
-        out.update(
-            model_type="chameleon",
-            architectures=["ChameleonForConditionalGeneration"],
-            vocab_size=cfg.vocab_size,
-            hidden_size=cfg.hidden_size,
-            num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads,
-            num_key_value_heads=cfg.num_kv_heads,
-            intermediate_size=cfg.intermediate_size,
-            rms_norm_eps=cfg.rms_norm_eps,
-            swin_norm=cfg.swin_norm,
-            tie_word_embeddings=cfg.tie_word_embeddings,
-            max_position_embeddings=cfg.max_position_embeddings,
-            dtype=dtype,
-        )
-        out.pop("torch_dtype", None)
-        out.pop("rope_scaling", None)
-        out["rope_parameters"] = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
+        out = _text_config_out(hf_source, cfg)
+        out.update(model_type="chameleon", architectures=["ChameleonForConditionalGeneration"],
+                   swin_norm=cfg.swin_norm, dtype=dtype)
         return out
 
 

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.torch
 
 torch = pytest.importorskip("torch")
 
-from cli_helpers import expect_cli_error  # noqa: E402
+from helpers import expect_cli_error  # noqa: E402
 from convert.__main__ import main  # noqa: E402
 from convert.check import check  # noqa: E402
 from convert.importer import import_checkpoint  # noqa: E402

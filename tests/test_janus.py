@@ -20,7 +20,7 @@ pytestmark = pytest.mark.torch
 torch = pytest.importorskip("torch")
 
 import sjd2_jax  # noqa: E402
-from cli_helpers import expect_cli_error  # noqa: E402
+from helpers import expect_cli_error  # noqa: E402
 from convert.__main__ import main  # noqa: E402
 from convert.check import check, reference_image_logits, reference_model  # noqa: E402
 from convert.exporter import export_checkpoint  # noqa: E402

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from helpers import numpy_params
 from sjd2_jax import model as M
 from sjd2_jax.config import ModelConfig
 from sjd2_jax.loss import next_token_loss, sjd2_loss, token_cross_entropy, training_loss
@@ -49,19 +50,6 @@ def test_loss_and_per_level_metrics_match_numpy():
     np.testing.assert_allclose(np.asarray(token_cross_entropy(jnp.asarray(logits, jnp.float32),
                                                               jnp.asarray(targets))), ce,
                                rtol=1e-5, atol=2e-6)  # lse - logit cancels for small values
-
-
-def numpy_params(cfg, seed):
-    """Random parameters like M.init_params, drawn with numpy: jax's RNG takes seconds
-    to compile per weight shape on CPU."""
-    rng = np.random.default_rng(seed)
-
-    def make(spec):
-        noise = rng.standard_normal(spec.shape).astype(np.float32)
-        scale = {"ones": 0.1, "zeros": 0.1}.get(spec.init, 0.02)
-        return jnp.asarray((1.0 if spec.init == "ones" else 0.0) + scale * noise, cfg.jnp_dtype)
-
-    return jax.tree.map(make, M.param_specs(cfg), is_leaf=M.is_spec)
 
 
 @functools.lru_cache(maxsize=1)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from helpers import numpy_params
 from sjd2_jax import model as M
 from sjd2_jax.cache import KVCache
 from sjd2_jax.config import ModelConfig
@@ -94,19 +95,6 @@ def test_window_masks_and_positions():
 
 CFG = ModelConfig(family="chameleon", vocab_size=97, hidden_size=48, num_layers=2,
                   num_heads=3, num_kv_heads=3, intermediate_size=80, qk_norm=True)
-
-
-def numpy_params(cfg, seed):
-    """Random parameters like M.init_params, drawn with numpy: jax's RNG takes seconds
-    to compile per weight shape on CPU."""
-    rng = np.random.default_rng(seed)
-
-    def make(spec):
-        noise = rng.standard_normal(spec.shape).astype(np.float32)
-        scale = {"ones": 0.1, "zeros": 0.1}.get(spec.init, 0.02)
-        return jnp.asarray((1.0 if spec.init == "ones" else 0.0) + scale * noise, cfg.jnp_dtype)
-
-    return jax.tree.map(make, M.param_specs(cfg), is_leaf=M.is_spec)
 
 
 @functools.lru_cache(maxsize=1)

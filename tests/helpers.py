@@ -1,4 +1,4 @@
-"""Shared assertions for the command-line error contract of `python -m convert`."""
+"""Shared test helpers: the CLI error contract of `python -m convert`, fast random parameters."""
 
 from pathlib import Path
 
@@ -21,3 +21,22 @@ def expect_cli_error(argv, capsys, *needles) -> str:
     after = set(out_dir.parent.iterdir()) if out_dir.parent.exists() else set()
     assert after == before, after - before
     return err
+
+
+def numpy_params(cfg, seed):
+    """Random parameters like M.init_params, drawn with numpy: jax's RNG takes seconds
+    to compile per weight shape on CPU."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from sjd2_jax import model as M
+
+    rng = np.random.default_rng(seed)
+
+    def make(spec):
+        noise = rng.standard_normal(spec.shape).astype(np.float32)
+        scale = {"ones": 0.1, "zeros": 0.1}.get(spec.init, 0.02)
+        return jnp.asarray((1.0 if spec.init == "ones" else 0.0) + scale * noise, cfg.jnp_dtype)
+
+    return jax.tree.map(make, M.param_specs(cfg), is_leaf=M.is_spec)
