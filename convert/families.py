@@ -258,34 +258,12 @@ class Chameleon(Family):
             f"q_norm shape {list(q_norm)} fits neither the HF nor the Lumina-mGPT layout ({heads} heads)")
 
     def config(self, hf, layout, shapes, dtype):
-        _require(hf, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ConversionError(f"hidden_act {hf.get('hidden_act')!r} is not supported (only silu)")
-        if hf.get("attention_bias") or hf.get("mlp_bias"):
-            raise ConversionError("attention or MLP biases are not supported")
-        groups = None
-        if layout.name == "lumina":
-            groups = shapes["model.layers.0.self_attn.q_norm.weight"][0]
-        try:
-            return ModelConfig(
-                family="chameleon",
-                vocab_size=hf["vocab_size"],
-                hidden_size=hf["hidden_size"],
-                num_layers=hf["num_hidden_layers"],
-                num_heads=hf["num_attention_heads"],
-                num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-                intermediate_size=hf["intermediate_size"],
-                rope_theta=_rope_theta(hf),
-                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-                qk_norm=True,
-                qk_norm_groups=groups,
-                swin_norm=bool(hf.get("swin_norm", False)),
-                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
-                dtype=dtype,
-            )
-        except (TypeError, ValueError) as e:
-            raise ConversionError(f"config.json: {e}") from None
+        # Chameleon is the Llama text config plus per-head q/k LayerNorm (and optional swin_norm).
+        groups = shapes["model.layers.0.self_attn.q_norm.weight"][0] if layout.name == "lumina" else None
+        return _llama_config(
+            "chameleon", hf, theta=10000.0, eps=1e-5, tie=bool(hf.get("tie_word_embeddings", False)),
+            max_pos=4096, dtype=dtype, where="config.json", qk_norm=True, qk_norm_groups=groups,
+            swin_norm=bool(hf.get("swin_norm", False)))
 
     def entries(self, cfg, layout):
         return _lm_entries(cfg, self._keys, self._keys)

@@ -255,7 +255,8 @@ def forward(
     if cache is not None:
         sc = jnp.ones((B, T), bool) if sees_cache is None else sees_cache
         visible = cache_visibility(mask, sc, cache.lengths, cache.capacity)
-    new_k, new_v = [], []
+    # Layer i's keys/values go into slice i of the stacked cache in place (no re-stacking copy).
+    kv = {"k": cache.k, "v": cache.v} if cache is not None else None
     for i, p in enumerate(params["layers"]):
         with jax.named_scope(f"layer_{i}"):
             if cache is None:
@@ -266,16 +267,16 @@ def forward(
             else:
 
                 def kv_fn(k, v, i=i):
-                    ck = write_rows(cache.k[i], k, cache.lengths)
-                    cv = write_rows(cache.v[i], v, cache.lengths)
-                    new_k.append(ck)
-                    new_v.append(cv)
+                    ck = write_rows(kv["k"][i], k, cache.lengths)
+                    cv = write_rows(kv["v"][i], v, cache.lengths)
+                    kv["k"] = kv["k"].at[i].set(ck)
+                    kv["v"] = kv["v"].at[i].set(cv)
                     return ck, cv, visible
 
             x = _layer(cfg, p, x, positions, kv_fn)
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     if cache is not None:
-        cache = cache.replace(k=jnp.stack(new_k), v=jnp.stack(new_v))
+        cache = cache.replace(k=kv["k"], v=kv["v"])
     return x, cache
 
 
