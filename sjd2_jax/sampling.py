@@ -1,0 +1,69 @@
+"""Logits processing and sampling, with every knob an array (changing it never recompiles).
+
+Order, as in the families' published pipelines: classifier-free guidance on raw
+logits or log-probabilities, restriction to the allowed (image) tokens, forced
+structure tokens, temperature, top-k, top-p, softmax.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG = -1e30  # finite "minus infinity": keeps arithmetic NaN-free
+
+
+def guide(cond: jax.Array, uncond: jax.Array, scale: jax.Array, mode: str) -> jax.Array:
+    """CFG: u + s (c - u) on raw logits ("logits") or on log-softmax ("log_softmax").
+
+    cond, uncond: [B, ..., V]; scale: [B]. A scale of 1 returns cond (in the mode's space).
+    """
+    if mode == "log_softmax":
+        cond, uncond = jax.nn.log_softmax(cond, -1), jax.nn.log_softmax(uncond, -1)
+    elif mode != "logits":
+        raise ValueError(f"unknown CFG mode {mode!r}")
+    s = scale.reshape(scale.shape + (1,) * (cond.ndim - 1))
+    return uncond + s * (cond - uncond)
+
+
+def process(logits, allowed, forced, temperature, top_k, top_p) -> jax.Array:
+    """Next-token probabilities [B, W, V] from logits [B, W, V].
+
+    allowed: bool [V] (free positions only sample these); forced: int [B, W], a token id
+    that gets probability 1 or -1; temperature [B] (0 = greedy); top_k [B] (0 = off);
+    top_p [B] (1 = off). Ties at the top-k threshold are all kept.
+    """
+    V = logits.shape[-1]
+    col = lambda a: a[:, None, None]  # noqa: E731  per-row knob over [B, W, V]
+    lg = jnp.where(allowed[None, None, :], logits.astype(jnp.float32), NEG)
+    greedy = col(temperature <= 0)
+    lg = lg / jnp.where(greedy, 1.0, col(temperature))
+    srt = -jnp.sort(-lg, axis=-1)  # descending
+    k = jnp.clip(top_k, 1, V)
+    kth = jnp.take_along_axis(srt, jnp.broadcast_to(col(k - 1), srt.shape[:-1] + (1,)), axis=-1)
+    lg = jnp.where(col(top_k > 0) & (lg < kth), NEG, lg)
+    # top-p over the (top-k restricted) sorted distribution: keep the smallest prefix with mass >= p.
+    srt = jnp.where(col(top_k > 0) & (srt < kth), NEG, srt)
+    ps = jax.nn.softmax(srt, axis=-1)
+    before = jnp.cumsum(ps, axis=-1) - ps  # mass strictly above each sorted entry
+    keep = before < col(top_p)
+    cut = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)
+    lg = jnp.where(col(top_p < 1.0) & (lg < cut), NEG, lg)
+    probs = jax.nn.softmax(lg, axis=-1)
+    argmax = jax.nn.one_hot(jnp.argmax(lg, -1), V, dtype=jnp.float32)
+    probs = jnp.where(greedy, argmax, probs)
+    onehot = jax.nn.one_hot(jnp.maximum(forced, 0), V, dtype=jnp.float32)
+    return jnp.where((forced >= 0)[..., None], onehot, probs)
+
+
+def sample(key, probs: jax.Array) -> jax.Array:
+    """One token per distribution: int32 [...] from probs [..., V]."""
+    logp = jnp.where(probs > 0, jnp.log(jnp.maximum(probs, 1e-38)), -jnp.inf)  # zero stays impossible
+    return jax.random.categorical(key, logp, axis=-1).astype(jnp.int32)
+
+
+def residual(p: jax.Array, q: jax.Array) -> jax.Array:
+    """normalize(max(p - q, 0)); falls back to p where p == q (nothing left over)."""
+    r = jnp.maximum(p - q, 0.0)
+    mass = r.sum(-1, keepdims=True)
+    return jnp.where(mass > 1e-12, r / jnp.maximum(mass, 1e-30), p)
