@@ -371,3 +371,126 @@ def make_janus_checkpoint(out, *, layout="hf", shards=1, dtype="float32", tie=Tr
     save_bin_state(out, janus_original_state(model, dtype, tie=tie), shards)
     (out / "config.json").write_text(json.dumps(janus_original_config(model, dtype, tie=tie), indent=2))
     return model
+
+
+# ----------------------------------------------------------------------------- tokenizers for the layout tests
+
+# One token per printable ASCII character plus newline: enough to spell every prompt template.
+TEXT_CHARS = [chr(c) for c in range(32, 127)] + ["\n"]
+
+
+def _lumina_image_name(code: int) -> str:
+    """Chameleon's image-token naming: IMGIMG + the code's decimal digits as letters A..J + Z."""
+    return "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
+
+
+def _fill(vm: dict[str, int], start: int, names, vocab_size: int, what: str) -> int:
+    names = list(names)
+    if start + len(names) > vocab_size:
+        raise ValueError(f"{what}: vocab_size {vocab_size} is too small (needs at least {start + len(names)})")
+    for k, name in enumerate(names):
+        vm[name] = start + k
+    return start + len(names)
+
+
+def lumina_vocabulary(vocab_size: int = 300, max_grid: int = 32) -> dict[str, int]:
+    """chameleon_vocabulary with the Lumina-mGPT layout names and a character alphabet.
+
+    Same ids as chameleon_vocabulary for `<s>`, `<image>`, `<racm3:break>`, `<eoss>` and the 32
+    image tokens (so the HF reference model is unaffected), but the image tokens are named for
+    codes 0..31 (`IMGIMGAZ`, ..., `IMGIMGDBZ`), id 7 is the end-of-turn `<reserved08706>`, and
+    filler ids become the EOL `<reserved08799>`, the height/width tokens `<reserved08801>` ..
+    `<reserved{8800 + max_grid}>` (1..max_grid units of 32 px) and TEXT_CHARS.
+    """
+    base = chameleon_vocabulary(vocab_size)
+    vm = {n: i for n, i in base.items() if not n.startswith("IMGIMG") and i < 8}
+    for code, name in enumerate(IMAGE_TOKEN_NAMES):
+        vm[_lumina_image_name(code)] = base[name]
+    vm["<reserved08706>"] = 7
+    nxt = 8 + len(IMAGE_TOKEN_NAMES)
+    nxt = _fill(vm, nxt, ["<reserved08799>"] + [f"<reserved{8800 + n:05d}>" for n in range(1, max_grid + 1)]
+                + TEXT_CHARS, vocab_size, "lumina_vocabulary")
+    for i in range(nxt, vocab_size):
+        vm[f"tok{i}"] = i
+    return vm
+
+
+def emu3_layout_vocabulary(vocab_size: int = 300, visual_tokens: int = 32) -> dict[str, int]:
+    """emu3_vocabulary plus `<|image token|>` (the image-prefix wrapper) and TEXT_CHARS on filler ids."""
+    base = emu3_vocabulary(vocab_size, visual_tokens)
+    vm = {n: i for n, i in base.items() if not n.startswith("tok")}
+    nxt = _fill(vm, 8 + visual_tokens, ["<|image token|>"] + TEXT_CHARS, vocab_size, "emu3_layout_vocabulary")
+    for i in range(nxt, vocab_size):
+        vm[f"tok{i}"] = i
+    return vm
+
+
+def janus_vocabulary(vocab_size: int = 128, image_token_id: int = 5) -> dict[str, int]:
+    """A small DeepSeek-LLM-like text vocabulary for Janus-Pro (its config has no vocabulary_map)."""
+    specials = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>", "<begin_of_image>", "<end_of_image>"]
+    vm = {}
+    ids = [i for i in range(vocab_size) if i != image_token_id]
+    vm["<image_placeholder>"] = image_token_id
+    names = specials + TEXT_CHARS
+    if len(names) > len(ids):
+        raise ValueError(f"janus_vocabulary: vocab_size {vocab_size} is too small (needs at least {len(names) + 1})")
+    for name, i in zip(names, ids):
+        vm[name] = i
+    for i in ids[len(names):]:
+        vm[f"tok{i}"] = i
+    return vm
+
+
+def write_tokenizer(folder, vocab: dict[str, int], *, bos: str | None = None, eos: str | None = None,
+                    pad: str | None = None) -> Path:
+    """tokenizer.json (+ tokenizer_config.json, special_tokens_map.json) whose vocabulary is exactly `vocab`.
+
+    A character-level BPE without merges: single-character names are the text alphabet;
+    every other name is an added special token, so `<racm3:break>` etc. encode as one id.
+    Loads with `tokenizers.Tokenizer.from_file` and offline `AutoTokenizer`.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+
+    folder = Path(folder)
+    ids = sorted(vocab.values())
+    if len(set(ids)) != len(ids):
+        raise ValueError("write_tokenizer: vocabulary has duplicate ids")
+    tok = Tokenizer(models.BPE(vocab=dict(vocab), merges=[]))
+    tok.decoder = decoders.Fuse()
+    specials = sorted((n for n in vocab if len(n) > 1), key=vocab.__getitem__)
+    tok.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in specials])
+    got = tok.get_vocab(with_added_tokens=True)
+    if got != vocab:
+        raise RuntimeError("write_tokenizer: tokenizer vocabulary differs from the requested one")
+    tok.save(str(folder / "tokenizer.json"))
+    named = {k: v for k, v in (("bos_token", bos), ("eos_token", eos), ("pad_token", pad)) if v is not None}
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 20, "add_bos_token": False,
+           "add_eos_token": False, "clean_up_tokenization_spaces": False, **named}
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+    (folder / "special_tokens_map.json").write_text(json.dumps(named, indent=2, ensure_ascii=False))
+    return folder / "tokenizer.json"
+
+
+def add_layout_tokenizer(folder, family: str) -> dict[str, int]:
+    """Give a synthetic checkpoint folder the family's layout vocabulary (lumina_vocabulary,
+    emu3_layout_vocabulary, janus_vocabulary at the config's vocab size): rewrite config.json's
+    vocabulary_map where it has one and write a matching tokenizer. Returns the vocabulary."""
+    folder = Path(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    if family == "chameleon":
+        vm, named = lumina_vocabulary(cfg["vocab_size"]), dict(bos="<s>", eos="</s>", pad="<pad>")
+    elif family == "emu3":
+        t = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+        vm = emu3_layout_vocabulary(t["vocab_size"])
+        named = dict(bos="<|extra_203|>", eos="<|extra_204|>", pad="<|endoftext|>")
+    elif family == "janus":
+        t = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg["language_config"]
+        vm = janus_vocabulary(t["vocab_size"], cfg.get("image_token_id", 5))
+        named = dict(bos="<｜begin▁of▁sentence｜>", eos="<｜end▁of▁sentence｜>", pad="<｜▁pad▁｜>")
+    else:
+        raise ValueError(f"unknown family {family!r}")
+    if "vocabulary_map" in cfg:
+        cfg["vocabulary_map"] = vm
+        (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    write_tokenizer(folder, vm, **named)
+    return vm
