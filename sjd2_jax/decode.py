@@ -117,7 +117,7 @@ class DecodeResult:
     accepted: jax.Array  # [B, N] per-step committed counts (0 after the row finished)
 
 
-def _input_table(params, cfg: ModelConfig, head: str) -> jax.Array:
+def input_table(params, cfg: ModelConfig, head: str) -> jax.Array:
     """Input embedding of each output token id: the LM table, or Janus's aligned code embeddings."""
     if head == "lm":
         return params["embed"]
@@ -170,7 +170,7 @@ def decode(params, cfg: ModelConfig, spec: DecodeSpec, prompts, prompt_lens, for
     R, P = prompts.shape
     B = R // 2 if spec.cfg else R
     W, N, K = spec.window, spec.num_tokens, spec.levels
-    table = _input_table(params, cfg, spec.head)
+    table = input_table(params, cfg, spec.head)
     V, D = table.shape
     if stats is None:
         stats = embedding_stats(table) if spec.method == "sjd2" else EmbedStats(jnp.zeros(D), jnp.ones(D))
