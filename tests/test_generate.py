@@ -94,3 +94,14 @@ def test_prompt_longer_than_the_model_allows(models):
     m = models["chameleon"]
     with pytest.raises(ValueError, match="max_position_embeddings"):
         sjd2_jax.generate(m, [[5] * 3000], size=64)
+
+
+def test_sjd2_paper_mode_and_switches_run(models):
+    """Paper mode (accept through noisy inputs) and the noise switches produce valid layouts."""
+    m = models["chameleon"]
+    for opts in ({"exact": False}, {"parametrization": "vp", "e0_hat": "mean", "stats": "image"}):
+        r = sjd2_jax.generate(m, PROMPTS, method="sjd2", size=64, window=6, levels=3, seed=4, **opts)
+        forced = r.plan.forced >= 0
+        gen = r.tokens[:, len(r.plan.prefix):]
+        assert np.all(gen[:, forced] == r.plan.forced[forced]) and np.all(r.codes >= 0), opts
+        assert np.all(r.steps <= r.plan.num_generated)
