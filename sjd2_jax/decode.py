@@ -32,7 +32,6 @@ import functools
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sjd2_jax import model as M
 from sjd2_jax import sampling as S
