@@ -104,10 +104,10 @@ def write_params_streaming(params_dir: Path, items: Iterable[tuple[tuple, np.nda
     n = 0
     with _quiet_orbax(), ctx:
         for path, arr in items:
-            partial.save(str(params_dir), _to_saved_tree(_nest(path, arr)))
+            partial.save(str(Path(params_dir).resolve()), _to_saved_tree(_nest(path, arr)))
             n += 1
             del arr
-        partial.finalize(str(params_dir))
+        partial.finalize(str(Path(params_dir).resolve()))
     return n
 
 
@@ -115,7 +115,7 @@ def save_params(params_dir: Path, params) -> None:
     """Save a whole in-memory parameter tree (training output, tests)."""
     ocp1, _ = _ocp()
     with _quiet_orbax():
-        ocp1.save_pytree(str(params_dir), _to_saved_tree(jax.tree.map(np.asarray, params)))
+        ocp1.save_pytree(str(Path(params_dir).resolve()), _to_saved_tree(jax.tree.map(np.asarray, params)))
 
 
 def write_config(ckpt_dir: Path, cfg: ModelConfig, source: dict | None = None) -> None:
@@ -148,7 +148,7 @@ def read_config(ckpt_dir) -> ModelConfig:
 
 def load_params(ckpt_dir, cfg: ModelConfig | None = None, dtype=None, shardings=None):
     """Restore the parameter tree; with `shardings` every leaf lands directly on its devices."""
-    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir = Path(ckpt_dir).resolve()  # orbax wants absolute paths
     cfg = cfg or read_config(ckpt_dir)
     ocp1, _ = _ocp()
     target = M.abstract_params(cfg, dtype=dtype or cfg.jnp_dtype, shardings=shardings)

@@ -52,13 +52,13 @@ def next_token_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array,
 
 
 def sjd2_loss(params: M.Params, cfg: ModelConfig, batch: TrainingExample,
-              num_levels: int) -> tuple[jax.Array, dict[str, jax.Array]]:
+              num_levels: int, remat: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Forward the model on a batched TrainingExample and take `next_token_loss`.
 
     cfg and num_levels are static; differentiate with respect to params (or the
     batch inputs) with jax.grad(..., has_aux=True).
     """
-    hidden, _ = M.forward(params, cfg, batch.inputs, batch.positions, mask=batch.mask)
+    hidden, _ = M.forward(params, cfg, batch.inputs, batch.positions, mask=batch.mask, remat=remat)
     logits = M.lm_logits(params, cfg, hidden)
     return next_token_loss(logits, batch.targets, batch.loss_mask, batch.level, num_levels)
 
@@ -66,7 +66,7 @@ def sjd2_loss(params: M.Params, cfg: ModelConfig, batch: TrainingExample,
 def training_loss(params: M.Params, cfg: ModelConfig, key: jax.Array, ids: jax.Array,
                   image_mask: jax.Array, stats: EmbedStats, noise_cfg: NoiseConfig,
                   batch_cfg: TrainBatchConfig,
-                  noisable: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                  noisable: jax.Array | None = None, remat: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Build the noised batch from params["embed"] and take `sjd2_loss`, in one traceable call,
     so the embedding table also gets gradient through the (noisy) inputs.
 
@@ -74,4 +74,4 @@ def training_loss(params: M.Params, cfg: ModelConfig, key: jax.Array, ids: jax.A
     """
     batch = build_training_batch(key, ids, image_mask, params["embed"], stats, noise_cfg,
                                  batch_cfg, noisable)
-    return sjd2_loss(params, cfg, batch, noise_cfg.num_levels)
+    return sjd2_loss(params, cfg, batch, noise_cfg.num_levels, remat)

@@ -238,6 +238,7 @@ def forward(
     mask: jax.Array | None = None,
     cache: KVCache | None = None,
     sees_cache: jax.Array | None = None,
+    remat: bool = False,
 ) -> tuple[jax.Array, KVCache | None]:
     """Run the decoder on input embeddings.
 
@@ -246,6 +247,7 @@ def forward(
     new token s (default causal). With a cache, the new keys/values are written at
     slots lengths[b] + [0, T) and queries also see the committed prefix where
     sees_cache [B, T] (default all True). lengths are not advanced (see cache.py).
+    remat (training, no cache) recomputes each layer's activations in the backward pass.
     Returns the final-normed hidden states [B, T, D] and the updated cache.
     """
     B, T, _ = inputs_embeds.shape
@@ -273,7 +275,11 @@ def forward(
                     kv["v"] = kv["v"].at[i].set(cv)
                     return ck, cv, visible
 
-            x = _layer(cfg, p, x, positions, kv_fn)
+            if remat and cache is None:
+                # Training: keep only layer inputs for the backward pass, recompute the rest.
+                x = jax.checkpoint(lambda p_, x_, pos_: _layer(cfg, p_, x_, pos_, kv_fn))(p, x, positions)
+            else:
+                x = _layer(cfg, p, x, positions, kv_fn)
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     if cache is not None:
         cache = cache.replace(k=kv["k"], v=kv["v"])

@@ -224,3 +224,13 @@ def test_load_entry_point(imported):
     assert out.shape == (2, 17, 300) and out.dtype == np.float32
     with pytest.raises(ValueError, match="out of range"):
         m.logits(np.full((1, 3), 300, np.int32))
+
+
+def test_relative_paths(single, tmp_path, monkeypatch, capsys):
+    """orbax needs absolute paths; the CLI must accept relative ones."""
+    shutil.copytree(single, tmp_path / "src")
+    monkeypatch.chdir(tmp_path)
+    assert main(["import", "src", "ours"]) == 0
+    assert main(["export", "ours", "back"]) == 0
+    a, b = _tensors(tmp_path / "src"), _tensors(tmp_path / "back")
+    assert sorted(a) == sorted(b) and all(a[k].tobytes() == b[k].tobytes() for k in a)

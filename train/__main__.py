@@ -1,14 +1,87 @@
-"""python -m train: SJD2 fine-tuning (not built yet; tracked in issue 6)."""
+"""python -m train: sharded SJD2 (or AR) fine-tuning with resumable orbax checkpoints.
+
+    python -m train --model CKPT_DIR --data DATA_DIR --out RUN_DIR [--mesh data=2,fsdp=2,tensor=2]
+                    [--steps N | --epochs E] [--batch-size B] [--lr LR] [--objective sjd2|ar]
+                    [--seed S] [--save-every N] [--resume]
+    python -m train --plan --model CKPT_DIR|--preset NAME --mesh ... --batch-size B --seq-len T
+
+Build DATA_DIR with `python -m train.prepare`.
+"""
+
+from __future__ import annotations
 
 import argparse
 import sys
 
 
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="sjd2-jax checkpoint folder to fine-tune (from `convert import`)")
+    p.add_argument("--data", help="prepared dataset folder (from `python -m train.prepare`)")
+    p.add_argument("--out", help="run folder: checkpoints/, metrics.jsonl, final/")
+    p.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,fsdp=2,tensor=2 (default: all devices on data)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--steps", type=int, default=None, help="optimizer steps (default 100)")
+    g.add_argument("--epochs", type=int, default=None, help="passes over the dataset")
+    p.add_argument("--batch-size", type=int, default=8, help="global batch size (default 8)")
+    p.add_argument("--lr", type=float, default=2e-5, help="peak AdamW learning rate (default 2e-5, the paper's)")
+    p.add_argument("--warmup", type=int, default=10, help="linear warm-up steps before cosine decay")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--clip-norm", type=float, default=1.0, help="global gradient-norm clip")
+    p.add_argument("--objective", choices=["sjd2", "ar"], default="sjd2")
+    p.add_argument("--levels", type=int, default=20, help="SJD2 noise levels K")
+    p.add_argument("--clean-prob", type=float, default=0.1, help="fraction of sequences left fully clean")
+    p.add_argument("--param-dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    p.add_argument("--remat", action="store_true", help="recompute layer activations in the backward pass")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (async)")
+    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --out")
+    p.add_argument("--plan", action="store_true", help="compile the step for the mesh and print per-device memory; "
+                   "allocates nothing (use fake devices: XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+    p.add_argument("--preset", choices=["lumina-7b", "emu3-8b"], default=None, help="--plan for a published config")
+    p.add_argument("--seq-len", type=int, default=2560, help="--plan: training sequence length")
+    return p
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train", description="Sharded next-clean-token fine-tuning (planned).")
-    p.parse_args(argv)
-    print("error: training is not implemented yet (issue 6); only `python -m convert` works today", file=sys.stderr)
-    return 2
+    args = _parser().parse_args(argv)
+    from sjd2_jax.checkpoint import CheckpointError
+    from train.data import DataError
+    from train.trainer import TrainConfig, TrainError
+
+    try:
+        tc = TrainConfig(steps=args.steps or 100, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+                         weight_decay=args.weight_decay, clip_norm=args.clip_norm, objective=args.objective,
+                         seed=args.seed, param_dtype=args.param_dtype, compute_dtype=args.compute_dtype,
+                         remat=args.remat, levels=args.levels, clean_prob=args.clean_prob)
+        if args.plan:
+            from train.plan import plan
+
+            print(plan(args.model, args.preset, tc, args.mesh, args.seq_len))
+            return 0
+        missing = [f"--{n}" for n in ("model", "data", "out") if getattr(args, n) is None]
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)} (see --help)")
+        if args.save_every < 1 or args.keep < 1:
+            raise ValueError("--save-every and --keep must be positive")
+        from train.run import run
+
+        r = run(args.model, args.data, args.out, tc, mesh=args.mesh, epochs=args.epochs, save_every=args.save_every,
+                keep=args.keep, resume=args.resume)
+    except (ValueError, TrainError, DataError, CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last complete checkpoint is kept (continue with --resume)", file=sys.stderr)
+        return 130
+    if r["stopped_by_signal"]:
+        print(f"stopped by signal at step {r['step']}; checkpoint saved (continue with --resume)")
+    else:
+        print(f"done: {r['step']} steps; final checkpoint {r.get('final')}")
+    return 0
 
 
 if __name__ == "__main__":
