@@ -117,19 +117,22 @@ def build_step(cfg: ModelConfig, tc: TrainConfig, mesh, state_sharding):
 
 
 def state_shardings(cfg: ModelConfig, tc: TrainConfig, mesh, notes=None):
-    """Shardings of the whole train state, derived without allocating it."""
+    """Shardings of the whole train state, derived without allocating it.
+
+    Optimizer moments follow their parameter's sharding (so fsdp shards them too);
+    everything else in the optimizer state (step counts) is replicated.
+    """
     psh = SH.param_shardings(cfg, mesh, notes)
     opt, _ = make_optimizer(tc)
     from sjd2_jax.model import abstract_params
 
-    abstract = abstract_params(cfg, jnp.dtype(tc.param_dtype), psh)
-    init = jax.jit(opt.init, in_shardings=(psh,))
-    opt_sh = init.lower(abstract).compile().output_shardings
-    # Leaves created inside init (step counts) come back on one device: replicate them on the mesh.
+    abstract = abstract_params(cfg, jnp.dtype(tc.param_dtype))
+    opt_abstract = jax.eval_shape(opt.init, abstract)
     rep = SH.replicated(mesh)
-    opt_sh = jax.tree.map(lambda s: s if isinstance(s, jax.sharding.NamedSharding) and s.mesh == mesh else rep,
-                          opt_sh)
-    return TrainState(SH.replicated(mesh), psh, opt_sh), abstract
+    opt_sh = optax.tree_map_params(opt, lambda _, sh: sh, opt_abstract, psh,
+                                   transform_non_params=lambda _: rep,
+                                   is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    return TrainState(rep, psh, opt_sh), abstract
 
 
 def init_state(params, cfg, tc: TrainConfig, state_sh: TrainState) -> TrainState:
