@@ -193,3 +193,44 @@ def test_cli_errors_are_one_line(assets, tmp_path):
     p = _cli(["--model", assets[0], "--data", tmp_path, "--out", tmp_path / "x"])
     out, err = p.communicate(timeout=120)
     assert p.returncode == 2 and err.strip().startswith("error: ") and "prepared dataset" in err
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(assets, tmp_path):
+    from train.trainer import TrainError
+
+    md, data = assets
+    tc = TrainConfig(steps=40, batch_size=8, lr=1e30, clip_norm=1e30, warmup=0, compute_dtype="float32", levels=3)
+    with pytest.raises(TrainError, match=r"loss is (nan|inf)"):
+        run(md, data, tmp_path / "run", tc, save_every=1, progress=False)
+    steps = [int(x.name) for x in (tmp_path / "run" / "checkpoints").iterdir() if x.name.isdigit()]
+    assert steps  # the checkpoints written before the blow-up are still there
+    assert not (tmp_path / "run" / "final").exists()
+
+
+@pytest.mark.torch
+def test_finetuned_checkpoint_exports_to_transformers(tmp_path):
+    pytest.importorskip("torch")
+    from transformers import ChameleonForConditionalGeneration
+
+    from convert.exporter import export_checkpoint
+    from convert.importer import import_checkpoint
+    from convert.synthetic import make_chameleon_checkpoint
+
+    make_chameleon_checkpoint(tmp_path / "src", layout="hf", num_layers=1, hidden_size=32, num_heads=2,
+                              intermediate_size=48, vocab_size=64)
+    import_checkpoint(tmp_path / "src", tmp_path / "model", progress=False)
+    r = run(tmp_path / "model", make_data(tmp_path / "data", n=16), tmp_path / "run",
+            TrainConfig(steps=2, batch_size=8, **TC), save_every=10, progress=False)
+    export_checkpoint(r["final"], tmp_path / "hf")
+    tm = ChameleonForConditionalGeneration.from_pretrained(str(tmp_path / "hf"))
+    import sjd2_jax
+    import torch
+
+    ours = sjd2_jax.load(r["final"])
+    ids = np.random.default_rng(0).integers(10, 60, (1, 20))
+    with torch.no_grad():
+        ref = tm.lm_head(tm.model(input_ids=torch.as_tensor(ids)).last_hidden_state).numpy()
+    np.testing.assert_allclose(np.asarray(ours.logits(ids.astype(np.int32))), ref, rtol=1e-4, atol=1e-4)
+    before = ckpt.load_params(tmp_path / "model")
+    after = ckpt.load_params(r["final"])
+    assert not np.allclose(np.asarray(before["embed"]), np.asarray(after["embed"]))  # it did train
