@@ -26,7 +26,6 @@ import argparse
 import json
 import shutil
 import sys
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +170,7 @@ def prepare(jsonl, out_dir, model_dir, *, shard_size: int = 4096, on_error: str 
     [(line, message)]. Raises RecordError (reject), ValueError, FileExistsError, FileNotFoundError."""
     from tqdm import tqdm
 
+    from sjd2_jax import checkpoint as ckpt
     from sjd2_jax import layouts as L
 
     jsonl, out = Path(jsonl), Path(out_dir)
@@ -188,10 +188,7 @@ def prepare(jsonl, out_dir, model_dir, *, shard_size: int = 4096, on_error: str 
     L.tokenizer_of(model, required=True)  # captions are text: fail once here, not per record
     enc = _Encoder(model)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with ckpt.atomic_output_dir(out) as tmp:  # renamed to `out` only if everything succeeds
         skipped: list[tuple[int, str]] = []
         lengths: list[int] = []
         num_lines = 0
@@ -261,10 +258,6 @@ def prepare(jsonl, out_dir, model_dir, *, shard_size: int = 4096, on_error: str 
         }
         index = writer.close(meta)
         shutil.rmtree(stage)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {**index, "skipped": skipped, "lines": num_lines}
 
 
