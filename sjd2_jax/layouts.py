@@ -13,6 +13,7 @@ One `ImagePlan` describes what the decoding engine must generate for one image:
 Layouts (model_formats.md section 4; h x w is the code grid):
 
   Lumina-mGPT  prefix <racm3:break> <reserved{8800+h/2}> <reserved{8800+w/2}>,
+               (the bundled MNIST demo uses this layout with its 2 px/code patch codec),
                then h rows of (w codes, EOL <reserved08799>), <eoss>, <reserved08706>.
                N = h*(w+1) + 2 generated, 3 + h*(w+1) + 2 in all (2357 at 768 px).
   Emu3         prompt ends with <|image start|> "h*w" <|image token|>; generated:
@@ -36,14 +37,16 @@ from typing import Sequence
 
 import numpy as np
 
+from sjd2_jax.patch_vq import codec_of
+
 FAMILIES = ("chameleon", "emu3", "janus")
 
 # Pixels per code of each family's VQ, and default (square) sizes in pixels.
 PIXELS_PER_CODE = {"chameleon": 16, "emu3": 8, "janus": 16}
 DEFAULT_SIZE = {"chameleon": 768, "emu3": 720, "janus": 384}
-# Lumina-mGPT's height/width tokens count 32-pixel units (`get_n_grids_token`), so a
-# size must be a multiple of 32 px (an even number of codes) to be expressible.
-LUMINA_GRID_PIXELS = 32
+# Lumina-mGPT's height/width tokens count 32-pixel units (`get_n_grids_token`) = 2 codes, so a
+# grid must have an even number of codes per side to be expressible.
+LUMINA_GRID_CODES = 2
 
 # Token names (model_formats.md sections 4 and 7).
 LUMINA = dict(bos="<s>", sep="<reserved08706>", image_start="<racm3:break>", image_end="<eoss>",
@@ -243,9 +246,23 @@ def _code_tables(vocab: dict[str, int], code_of_name, vocab_size: int, family: s
 # ----------------------------------------------------------------------------- sizes
 
 
-def _pixel_size(family: str, size) -> tuple[int, int]:
+def pixels_per_code(model) -> int:
+    """Pixels per code of the model's image tokenizer: the checkpoint's own codec if it ships one
+    (the bundled demo's 2 px patch VQ), else the family's VQ."""
+    codec = codec_of(getattr(model, "path", None))
+    return codec.patch_size if codec is not None else PIXELS_PER_CODE[_family(model)]
+
+
+def default_size(model) -> tuple[int, int]:
+    codec = codec_of(getattr(model, "path", None))
+    if codec is not None:
+        return codec.pixel_size
+    return DEFAULT_SIZE[_family(model)], DEFAULT_SIZE[_family(model)]
+
+
+def _pixel_size(family: str, size, ppc: int, default: tuple[int, int]) -> tuple[int, int]:
     if size is None:
-        size = DEFAULT_SIZE[family]
+        size = default
     if isinstance(size, (int, np.integer)):
         hw = (int(size), int(size))
     else:
@@ -257,10 +274,11 @@ def _pixel_size(family: str, size) -> tuple[int, int]:
             raise ValueError(f"size must be an int or (height, width) in pixels, got {size!r}")
     if min(hw) <= 0:
         raise ValueError(f"size must be positive, got {hw}")
-    unit = LUMINA_GRID_PIXELS if family == "chameleon" else PIXELS_PER_CODE[family]
+    unit = LUMINA_GRID_CODES * ppc if family == "chameleon" else ppc
     if hw[0] % unit or hw[1] % unit:
-        why = {"chameleon": "Lumina-mGPT: 16 px per code, and its height/width tokens count 32-px units",
-               "emu3": "Emu3: 8 px per code", "janus": "Janus-Pro: 16 px per code"}[family]
+        why = {"chameleon": f"Lumina-mGPT: {ppc} px per code, and its height/width tokens count "
+                            f"{unit}-px units",
+               "emu3": f"Emu3: {ppc} px per code", "janus": f"Janus-Pro: {ppc} px per code"}[family]
         raise ValueError(f"image size {hw[0]}x{hw[1]} px is not a multiple of {unit} px ({why})")
     return hw
 
@@ -300,8 +318,8 @@ def image_plan(model, size=None) -> ImagePlan:
     V = int(model.config.vocab_size)
     if family == "janus":
         return _janus_plan(model, size)
-    H, W = _pixel_size(family, size)
-    ppc = PIXELS_PER_CODE[family]
+    ppc = pixels_per_code(model)
+    H, W = _pixel_size(family, size, ppc, default_size(model))
     h, w = H // ppc, W // ppc
     vocab = vocabulary(model)
     if family == "chameleon":
@@ -331,7 +349,7 @@ def _janus_plan(model, size) -> ImagePlan:
     if size is None:
         H = W = g * ppc if g else DEFAULT_SIZE["janus"]
     else:
-        H, W = _pixel_size("janus", size)
+        H, W = _pixel_size("janus", size, ppc, (DEFAULT_SIZE["janus"],) * 2)
         if H != W:
             raise ValueError(f"Janus-Pro generates square images only, got {H}x{W} px")
         if g is not None and H != g * ppc:

@@ -110,6 +110,29 @@ def test_prepare_lumina(lumina_ckpt, tmp_path, capsys):
 
 
 @pytest.mark.torch
+def test_prepare_null_caption_is_unconditional(lumina_ckpt, tmp_path, capsys):
+    """A null caption gets the family's unconditional prompt (Lumina-mGPT: nothing before the image prefix)."""
+    from sjd2_jax import layouts as L
+
+    records = [_record("a cat", 0), _record(None, 1)]
+    out = tmp_path / "data"
+    rc, _, err = _run_main([_write_jsonl(tmp_path / "in.jsonl", records), out, "--model", lumina_ckpt], capsys)
+    assert rc == 0, err
+    model = P.load_model_meta(lumina_ckpt)
+    plan = L.image_plan(model, 64)
+    ds = D.Dataset(out)
+    cond = ds[0]["tokens"].tolist()
+    uncond = ds[1]["tokens"].tolist()
+    assert len(cond) > plan.total_tokens and len(uncond) == plan.total_tokens
+    assert uncond[:3] == list(plan.prefix)
+    np.testing.assert_array_equal(plan.tokens_to_codes(np.array(uncond)), np.array(records[1]["codes"]))
+    # A caption of another type is still a bad record.
+    rc, _, err = _run_main([_write_jsonl(tmp_path / "bad.jsonl", [{"caption": 3, "codes": [[1]]}]),
+                            tmp_path / "d2", "--model", lumina_ckpt], capsys)
+    assert rc == 2 and "must be a string or null" in err
+
+
+@pytest.mark.torch
 def test_prepare_seq_len_flag(lumina_ckpt, tmp_path, capsys):
     src = _write_jsonl(tmp_path / "in.jsonl", [_record(c, k) for k, c in enumerate(CAPTIONS[:3])])
     rc, _, err = _run_main([src, tmp_path / "d", "--model", lumina_ckpt, "--seq-len", 500], capsys)

@@ -2,12 +2,14 @@
 into the sharded training format of `train.data` (see its module docstring).
 
 Each JSONL line is {"caption": str, "codes": [[int, ...], ...]} (an h x w grid of VQ codes; other
-keys are ignored; blank lines are skipped). A record becomes
+keys are ignored; blank lines are skipped). A null caption is an unconditional record: it gets
+the family's unconditional prompt (what classifier-free guidance runs beside the real one), so
+mixing some in teaches the model the unconditional distribution. A record becomes
 
     prompt_ids(model, caption, plan)[0] + plan.prefix + plan.codes_to_tokens(codes)
 
 with the checkpoint's tokenizer and family layout, the plan for an image of h*p x w*p pixels
-(p = pixels per code: 16 Lumina-mGPT and Janus-Pro, 8 Emu3). The first valid record fixes the
+(p = pixels per code: 16 Lumina-mGPT and Janus-Pro, 8 Emu3, or the checkpoint's own codec). The first valid record fixes the
 dataset's image size; records of another size are bad records.
 
 Bad records (invalid JSON, missing or mistyped caption/codes, ragged grids, grids the family
@@ -97,8 +99,8 @@ def parse_record(line: int, raw: bytes):
         if key not in rec:
             raise RecordError(line, f"missing \"{key}\"")
     caption, codes = rec["caption"], rec["codes"]
-    if not isinstance(caption, str):
-        raise RecordError(line, f"\"caption\" must be a string, got {type(caption).__name__}")
+    if caption is not None and not isinstance(caption, str):
+        raise RecordError(line, f"\"caption\" must be a string or null, got {type(caption).__name__}")
     if not isinstance(codes, list) or not codes or not all(isinstance(r, list) for r in codes):
         raise RecordError(line, "\"codes\" must be a non-empty 2-D list (rows of image codes)")
     w = len(codes[0])
@@ -121,7 +123,7 @@ class _Encoder:
 
         self.L, self.model = L, model
         self.family = model.config.family
-        self.ppc = L.PIXELS_PER_CODE[self.family]
+        self.ppc = L.pixels_per_code(model)
         self.plan, self.plan_line, self.tail_kind = None, None, None
 
     def check(self, line: int, codes: np.ndarray) -> None:
@@ -154,10 +156,11 @@ class _Encoder:
 
     def encode(self, captions: list[str], codes: list[np.ndarray]):
         """[(tokens int32, kind uint8)] for checked records."""
-        cond, _ = self.L.prompt_ids(self.model, captions, self.plan)
+        cond, uncond = self.L.prompt_ids(self.model, [c if c is not None else "" for c in captions], self.plan)
         tails = self.plan.codes_to_tokens(np.stack(codes), include_prefix=True)
         out = []
-        for ids, tail in zip(cond, tails):
+        for ids_c, ids_u, caption, tail in zip(cond, uncond, captions, tails):
+            ids = ids_u if caption is None else ids_c
             toks = np.concatenate([np.asarray(ids, np.int32), tail.astype(np.int32)])
             kind = np.concatenate([np.full(len(ids), KIND_PROMPT, np.uint8), self.tail_kind])
             out.append((toks, kind))
