@@ -1,6 +1,6 @@
 """sjd2-jax: Speculative Jacobi-Denoising Decoding for autoregressive text-to-image models, in JAX."""
 
-from sjd2_jax.api import Model, load
+from sjd2_jax.api import DEMO_MODEL, Model, load
 from sjd2_jax.cache import KVCache
 from sjd2_jax.config import ModelConfig
 from sjd2_jax.generate import Generation, generate
@@ -12,7 +12,7 @@ from sjd2_jax.timestep import timestep_embeddings
 from sjd2_jax.training_batch import TrainBatchConfig, TrainingExample, build_training_batch
 
 __all__ = [
-    "Model", "load", "KVCache", "ModelConfig", "generate", "Generation",
+    "DEMO_MODEL", "Model", "load", "KVCache", "ModelConfig", "generate", "Generation",
     "NoiseConfig", "add_noise", "alpha_sigma", "denoise_step", "predict_e0",
     "EmbedStats", "embedding_stats", "standardize", "unstandardize", "timestep_embeddings",
     "MaskSpec", "build_mask", "training_mask", "window_masks", "window_positions",

@@ -33,6 +33,10 @@ def _image_logits(params, cfg: ModelConfig, prompt_ids, image_codes):
     return M.gen_logits(params, cfg, hidden[:, P - 1 :])
 
 
+# The bundled demo: a small Chameleon-layout model trained on MNIST digits (scripts/build_demo.py).
+DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
+
+
 class Model:
     """A loaded checkpoint: config, parameters (a pytree, pass it into jit) and metadata."""
 

@@ -34,6 +34,9 @@ CONFIG_FILE = "sjd2_config.json"
 HF_CONFIG_FILE = "hf_config.json"
 PARAMS_DIR = "params"
 ASIDE_FILE = "aside.safetensors"
+GENERATION_FILE = "sjd2_generation.json"  # optional generation defaults (see generation_defaults)
+# Files a checkpoint may carry beside its parameters that travel with it through fine-tuning.
+SIDE_FILES = ("image_codec.json", "codebook.npy", GENERATION_FILE)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
 
@@ -180,6 +183,36 @@ def atomic_output_dir(out_dir: str | os.PathLike):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def generation_defaults(ckpt_dir) -> dict:
+    """The checkpoint's generation defaults, {} if it has none:
+    {"sampling": {temperature, top_k, top_p, cfg_scale}, "methods": {method: {option: value}}}.
+    A fine-tune with the SJD2 objective records its noise settings under methods.sjd2, so
+    decoding uses the schedule the model was trained on."""
+    if ckpt_dir is None or not (Path(ckpt_dir) / GENERATION_FILE).is_file():
+        return {}
+    f = Path(ckpt_dir) / GENERATION_FILE
+    try:
+        d = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f}: invalid JSON ({e})") from None
+    if not isinstance(d, dict) or not all(isinstance(d.get(k, {}), dict) for k in ("sampling", "methods")):
+        raise CheckpointError(f"{f}: expected {{\"sampling\": {{...}}, \"methods\": {{...}}}}")
+    return d
+
+
+def write_generation_defaults(ckpt_dir, defaults: dict) -> None:
+    (Path(ckpt_dir) / GENERATION_FILE).write_text(json.dumps(defaults, indent=2, sort_keys=True) + "\n")
+
+
+def copy_side_files(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for name in SIDE_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+            copied.append(name)
+    return copied
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:

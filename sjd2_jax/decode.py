@@ -57,6 +57,7 @@ class DecodeSpec:
     cfg_mode: str = "logits"  # "logits" | "log_softmax"
     exact: bool = True  # SJD2 exact (lossless) verification; False = paper mode
     noise: NoiseConfig = NoiseConfig()
+    trace: int = 0  # record the window drafts of the first `trace` iterations (trajectory plots)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -67,6 +68,8 @@ class DecodeSpec:
             raise ValueError(f"window must be >= 2 for {self.method} (got {self.window})")
         if self.num_tokens < 1:
             raise ValueError("num_tokens must be >= 1")
+        if self.trace < 0:
+            raise ValueError("trace must be >= 0")
         if self.head not in ("lm", "gen"):
             raise ValueError(f"unknown head {self.head!r}")
         if self.cfg_mode not in ("logits", "log_softmax"):
@@ -107,6 +110,8 @@ class DecodeState:
     accepted: jax.Array  # [B, N] tokens committed at each step
     it: jax.Array  # scalar loop counter
     key: jax.Array
+    trace_drafts: jax.Array  # [max(trace, 1), B, W-1] drafts entering iteration t (-1: none yet)
+    trace_done: jax.Array  # [max(trace, 1), B] committed tokens before iteration t
 
 
 @flax.struct.dataclass
@@ -114,6 +119,8 @@ class DecodeResult:
     tokens: jax.Array  # [B, N]
     steps: jax.Array  # [B]
     accepted: jax.Array  # [B, N] per-step committed counts (0 after the row finished)
+    trace_drafts: jax.Array  # [T, B, W-1] (spec.trace > 0) window drafts entering each iteration, -1 = none
+    trace_done: jax.Array  # [T, B] committed tokens before each iteration (window position i is token n + i)
 
 
 def input_table(params, cfg: ModelConfig, head: str) -> jax.Array:
@@ -189,7 +196,9 @@ def decode(params, cfg: ModelConfig, spec: DecodeSpec, prompts, prompt_lens, for
     drafts, has_draft, q, z, level = _fresh(k0, spec, allowed, (B, W - 1), V, D)
     drafts, has_draft, q, z, level = _force(spec, forced_ext, n0, drafts, has_draft, q, z, level)
     state = DecodeState(cache, last_emb, n0, drafts, has_draft, q, z, level, jnp.zeros((B, N + W), jnp.int32),
-                        jnp.zeros((B,), jnp.int32), jnp.zeros((B, N), jnp.int32), jnp.int32(0), key)
+                        jnp.zeros((B,), jnp.int32), jnp.zeros((B, N), jnp.int32), jnp.int32(0), key,
+                        jnp.full((max(spec.trace, 1), B, W - 1), -1, jnp.int32),
+                        jnp.full((max(spec.trace, 1), B), N, jnp.int32))
     ts_emb = timestep_embeddings(K, stats) if K else None
 
     def rep(a):
@@ -308,11 +317,18 @@ def decode(params, cfg: ModelConfig, spec: DecodeSpec, prompts, prompt_lens, for
             drafts, has_draft, q, z, level = s.drafts, s.has_draft, s.q, s.z, s.level
 
         accepted = s.accepted.at[:, jnp.minimum(s.it, N - 1)].set(c)  # c is 0 for finished rows
+        trace_drafts, trace_done = s.trace_drafts, s.trace_done
+        if spec.trace:
+            t = jnp.minimum(s.it, spec.trace - 1)
+            record = s.it < spec.trace
+            trace_drafts = jnp.where(record, trace_drafts.at[t].set(jnp.where(s.has_draft, s.drafts, -1)),
+                                     trace_drafts)
+            trace_done = jnp.where(record, trace_done.at[t].set(s.n_done), trace_done)
         return DecodeState(cache, last_emb, n_done, drafts, has_draft, q, z, level, out,
-                           s.steps + active.astype(jnp.int32), accepted, s.it + 1, key)
+                           s.steps + active.astype(jnp.int32), accepted, s.it + 1, key, trace_drafts, trace_done)
 
     def running(s: DecodeState):
         return jnp.any(s.n_done < N) & (s.it < N)
 
     final = jax.lax.while_loop(running, step, state)
-    return DecodeResult(final.out[:, :N], final.steps, final.accepted)
+    return DecodeResult(final.out[:, :N], final.steps, final.accepted, final.trace_drafts, final.trace_done)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sjd2_jax import checkpoint as ckpt
 from sjd2_jax import layouts as L
 from sjd2_jax.decode import METHODS, DecodeSpec, Sampling, decode, input_table
 from sjd2_jax.schedule import NoiseConfig
@@ -28,6 +29,8 @@ class Generation:
     accepted: np.ndarray  # int [B, N]: tokens committed at each step (0 once the row is done)
     plan: L.ImagePlan
     method: str
+    trace_drafts: np.ndarray | None = None  # [T, B, W-1] with trace=T: window drafts per iteration (-1 none)
+    trace_done: np.ndarray | None = None  # [T, B]: tokens committed before each traced iteration
 
     @property
     def step_compression(self) -> np.ndarray:
@@ -47,16 +50,20 @@ def generate(model, prompts, *, method: str = "sjd2", size=None, seed: int = 0, 
     """Generate one image's tokens per prompt.
 
     prompts: strings (the family template and the checkpoint's tokenizer are applied) or
-    lists of token ids (the complete prompt). None for a sampling knob means the family's
-    published default. method_options: window, levels, exact (SJD2 exact vs paper mode),
-    sigma_min, sigma_max, rho, parametrization ("flow" | "vp"), e0_hat ("sample" | "mean"),
-    stats ("all" | "image"), pure_noise_top.
+    lists of token ids (the complete prompt). None for a sampling knob means the
+    checkpoint's default (its sjd2_generation.json), else the family's published one.
+    method_options (checkpoint defaults apply the same way): window, levels, exact (SJD2
+    exact vs paper mode), sigma_min, sigma_max, rho, parametrization ("flow" | "vp"), e0_hat ("sample" | "mean"),
+    stats ("all" | "image"), pure_noise_top; trace=T records the window drafts of the first T
+    iterations (Generation.trace_drafts / trace_done, for trajectory plots).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    unknown = sorted(set(method_options) - {"window", "exact"} - set(NOISE_OPTIONS))
+    saved = ckpt.generation_defaults(getattr(model, "path", None))
+    method_options = {**saved.get("methods", {}).get(method, {}), **method_options}
+    unknown = sorted(set(method_options) - {"window", "exact", "trace"} - set(NOISE_OPTIONS))
     if unknown:
-        raise ValueError(f"unknown method options {unknown}; known: window, exact, {', '.join(NOISE_OPTIONS)}")
+        raise ValueError(f"unknown method options {unknown}; known: window, exact, trace, {', '.join(NOISE_OPTIONS)}")
     cfg = model.config
     plan = L.image_plan(model, size)
     cond, uncond = L.prompt_ids(model, prompts, plan)
@@ -67,7 +74,7 @@ def generate(model, prompts, *, method: str = "sjd2", size=None, seed: int = 0, 
     if B == 0:
         raise ValueError("no prompts given")
 
-    defaults = L.sampling_defaults(plan.family)
+    defaults = dict(L.sampling_defaults(plan.family), **saved.get("sampling", {}))
     pick = lambda v, k: defaults[k] if v is None else v  # noqa: E731
     temperature, top_k = pick(temperature, "temperature"), pick(top_k, "top_k")
     top_p, cfg_scale = pick(top_p, "top_p"), pick(cfg_scale, "cfg_scale")
@@ -77,7 +84,8 @@ def generate(model, prompts, *, method: str = "sjd2", size=None, seed: int = 0, 
     try:
         spec = DecodeSpec(method=method, window=int(method_options.get("window", DEFAULT_WINDOW[method])),
                           num_tokens=plan.num_generated, head=plan.head, cfg=use_cfg, cfg_mode=plan.cfg_mode,
-                          exact=bool(method_options.get("exact", True)), noise=NoiseConfig(**noise_kw))
+                          exact=bool(method_options.get("exact", True)), noise=NoiseConfig(**noise_kw),
+                          trace=int(method_options.get("trace", 0)))
     except TypeError as e:
         raise ValueError(str(e)) from None
 
@@ -98,4 +106,6 @@ def generate(model, prompts, *, method: str = "sjd2", size=None, seed: int = 0, 
     gen = np.asarray(r.tokens)
     tokens = np.concatenate([np.broadcast_to(np.asarray(prefix, np.int32), (B, len(prefix))), gen], 1)
     return Generation(tokens=tokens, codes=plan.tokens_to_codes(gen), steps=np.asarray(r.steps),
-                      accepted=np.asarray(r.accepted), plan=plan, method=method)
+                      accepted=np.asarray(r.accepted), plan=plan, method=method,
+                      trace_drafts=np.asarray(r.trace_drafts) if spec.trace else None,
+                      trace_done=np.asarray(r.trace_done) if spec.trace else None)

@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-norm", type=float, default=1.0, help="global gradient-norm clip")
     p.add_argument("--objective", choices=["sjd2", "ar"], default="sjd2")
     p.add_argument("--levels", type=int, default=20, help="SJD2 noise levels K")
+    p.add_argument("--parametrization", choices=["flow", "vp"], default="flow",
+                   help="SJD2 noise parametrization (DESIGN.md 1.3; recorded in the final checkpoint)")
     p.add_argument("--clean-prob", type=float, default=0.1, help="fraction of sequences left fully clean")
     p.add_argument("--param-dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default="bfloat16")
@@ -56,7 +58,7 @@ def main(argv=None) -> int:
         tc = TrainConfig(steps=args.steps or 100, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                          weight_decay=args.weight_decay, clip_norm=args.clip_norm, objective=args.objective,
                          seed=args.seed, param_dtype=args.param_dtype, compute_dtype=args.compute_dtype,
-                         remat=args.remat, levels=args.levels, clean_prob=args.clean_prob)
+                         remat=args.remat, levels=args.levels, parametrization=args.parametrization, clean_prob=args.clean_prob)
         if args.plan:
             from train.plan import plan
 

@@ -109,6 +109,15 @@ def write_final(run_dir: Path, model_dir: Path, cfg, params, tc: TrainConfig) ->
             if (model_dir / name).is_file():
                 shutil.copy2(model_dir / name, tmp / name)
         ckpt.copy_tokenizer_files(model_dir, tmp)
+        ckpt.copy_side_files(model_dir, tmp)
+        if tc.objective == "sjd2":  # decode with the noise schedule the model was trained on
+            gen = ckpt.generation_defaults(model_dir)
+            n = tc.noise
+            sjd2 = dict(gen.get("methods", {}).get("sjd2", {}), levels=n.num_levels, sigma_min=n.sigma_min,
+                        sigma_max=n.sigma_max, rho=n.rho, parametrization=n.parametrization,
+                        pure_noise_top=n.pure_noise_top, stats=n.stats)
+            gen["methods"] = dict(gen.get("methods", {}), sjd2=sjd2)
+            ckpt.write_generation_defaults(tmp, gen)
     return out
 
 

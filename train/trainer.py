@@ -56,6 +56,7 @@ class TrainConfig:
     compute_dtype: str = "bfloat16"
     remat: bool = False
     levels: int = 20
+    parametrization: str = "flow"  # "flow" | "vp" (DESIGN.md 1.3)
     num_segments: int = 4
     clean_prob: float = 0.1
 
@@ -70,7 +71,7 @@ class TrainConfig:
 
     @property
     def noise(self) -> NoiseConfig:
-        return NoiseConfig(num_levels=self.levels)
+        return NoiseConfig(num_levels=self.levels, parametrization=self.parametrization)
 
     @property
     def batch_cfg(self) -> TrainBatchConfig:
