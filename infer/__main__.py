@@ -1,15 +1,297 @@
-"""python -m infer: batch text-to-image generation (not built yet; tracked in issues 5 and 7)."""
+"""python -m infer: batch text-to-image generation; writes images, a grid and step statistics.
+
+    python -m infer                                   # the bundled MNIST demo model, 10 default prompts
+    python -m infer --compare                         # ... and AR, JD, SJD beside SJD2 on the same prompts
+    python -m infer --prompt "a handwritten 7" --prompt "the digit two" --method sjd2 --out out/digits
+    python -m infer --model CKPT --prompts-file prompts.txt --method sjd --window 16 --batch-size 4
+
+Output folder: one PNG per prompt (000.png, 001.png, ...), grid.png (all images tiled,
+enlarged; with --compare also ar-000.png, ..., grid-ar.png for each other method), and stats.json: a list with one object per image {prompt, method, image, tokens,
+steps, seconds, ...}. Everything is written to a temporary sibling folder and moved into
+place at the end; an existing --out is replaced only if it holds an earlier infer output.
+Checkpoints without an image codec (real Lumina-mGPT / Emu3 / Janus-Pro imports keep their
+VQ decoder aside) get each image's code grid as NNN.npy instead of a PNG.
+"""
+
+from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
+import shutil
 import sys
+import tempfile
+import time
+from pathlib import Path
+
+USAGE_ERRORS = 2
+METHODS = ("ar", "jacobi", "sjd", "sjd2")
+STATS_FILE = "stats.json"
+GRID_FILE = "grid.png"
+
+
+class InferError(Exception):
+    """Bad input to `python -m infer`; printed as one `error:` line."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m infer", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=None,
+                   help="sjd2-jax checkpoint folder (default: the bundled MNIST demo model)")
+    p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                   help="a prompt (repeat for several; default: the demo's 10 prompts, one per digit)")
+    p.add_argument("--prompts-file", type=Path, default=None, metavar="FILE",
+                   help="UTF-8 text file, one prompt per line (blank lines and lines starting with # skipped)")
+    p.add_argument("--method", choices=METHODS, default="sjd2", help="decoding method (default sjd2)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--batch-size", type=int, default=10, help="images decoded together (default 10)")
+    p.add_argument("--out", type=Path, default=Path("out/infer"), help="output folder (default out/infer)")
+    p.add_argument("--size", type=int, default=None, help="image size in pixels (default: the model's)")
+    s = p.add_argument_group("sampling (default: the checkpoint's, else the family's published settings)")
+    s.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    s.add_argument("--top-k", type=int, default=None, help="0 = off")
+    s.add_argument("--top-p", type=float, default=None, help="1.0 = off")
+    s.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (1.0 = off)")
+    j = p.add_argument_group("Jacobi window and SJD2 options (default: the checkpoint's)")
+    j.add_argument("--window", type=int, default=None, help="window length W (jacobi, sjd, sjd2)")
+    j.add_argument("--levels", type=int, default=None, help="SJD2 noise levels K (must match the fine-tune)")
+    j.add_argument("--paper-mode", action="store_true",
+                   help="SJD2: accept drafts through noisy positions (the paper's verification; not lossless)")
+    j.add_argument("--e0-hat", choices=["sample", "mean"], default=None,
+                   help="SJD2 denoise target: the sampled token's embedding or the probability-weighted mean")
+    p.add_argument("--compare", action="store_true",
+                   help="also run the other methods on the same prompts and seeds (their files are prefixed "
+                   "with the method name) and print them side by side")
+    p.add_argument("--grid-scale", type=int, default=4, help="enlargement of grid.png (default 4)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def read_prompts(args) -> list[str] | None:
+    prompts = list(args.prompt or [])
+    if args.prompts_file is not None:
+        f = args.prompts_file
+        if not f.is_file():
+            raise InferError(f"--prompts-file {f}: no such file")
+        try:
+            lines = f.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise InferError(f"--prompts-file {f}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except OSError as e:
+            raise InferError(f"--prompts-file {f}: cannot read ({e.strerror})") from None
+        got = [x.strip() for x in lines if x.strip() and not x.lstrip().startswith("#")]
+        if not got:
+            raise InferError(f"--prompts-file {f}: no prompts in it (one per line; blank and # lines are skipped)")
+        prompts += got
+    if any(not p.strip() for p in prompts):
+        raise InferError("empty --prompt")
+    return prompts or None
+
+
+def _check_args(args) -> None:
+    if args.batch_size < 1:
+        raise InferError("--batch-size must be >= 1")
+    if args.grid_scale < 1:
+        raise InferError("--grid-scale must be >= 1")
+    if args.window is not None and args.method == "ar":
+        raise InferError("--window does not apply to --method ar")
+    sjd2_only = [n for n, v in (("--levels", args.levels), ("--paper-mode", args.paper_mode or None),
+                                ("--e0-hat", args.e0_hat)) if v is not None]
+    if sjd2_only and args.method != "sjd2":
+        raise InferError(f"{', '.join(sjd2_only)} apply to --method sjd2 only")
+
+
+def _prepare_out(out: Path) -> None:
+    if out.exists() and not (out.is_dir() and ((out / STATS_FILE).is_file() or not any(out.iterdir()))):
+        raise InferError(f"--out {out} exists and is not an earlier infer output; choose a new folder")
+
+
+@contextlib.contextmanager
+def _replacing_dir(out: Path):
+    """Yield a temporary sibling folder that replaces `out` (an earlier output) only on success."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _method_options(args) -> dict:
+    opts = {}
+    if args.window is not None:
+        opts["window"] = args.window
+    if args.levels is not None:
+        opts["levels"] = args.levels
+    if args.paper_mode:
+        opts["exact"] = False
+    if args.e0_hat is not None:
+        opts["e0_hat"] = args.e0_hat
+    return opts
+
+
+def to_png(pixels, path: Path, scale: int = 1) -> None:
+    """float [H, W] in [0, 1] -> 8-bit grayscale PNG (nearest-neighbour enlargement)."""
+    import numpy as np
+    from PIL import Image
+
+    img = np.clip(np.rint(np.asarray(pixels) * 255.0), 0, 255).astype(np.uint8)
+    if scale > 1:
+        img = np.kron(img, np.ones((scale, scale), np.uint8))
+    Image.fromarray(img, mode="L").save(path)
+
+
+def tile(images, cols: int | None = None, pad: int = 1):
+    """float [N, H, W] -> one [rows*(H+pad)+pad, cols*(W+pad)+pad] mosaic with a mid-gray border."""
+    import numpy as np
+
+    n, H, W = images.shape
+    cols = cols or min(n, 10)
+    rows = -(-n // cols)
+    out = np.full((rows * (H + pad) + pad, cols * (W + pad) + pad), 0.5, np.float32)
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        out[pad + r * (H + pad) : pad + r * (H + pad) + H, pad + c * (W + pad) : pad + c * (W + pad) + W] = im
+    return out
+
+
+class _CompileClock:
+    """Seconds JAX spends tracing, lowering and compiling (its monitoring events), so that
+    per-image times can leave compilation out. One listener per process."""
+
+    total = 0.0
+    _registered = False
+
+    def __init__(self):
+        import jax
+
+        if not _CompileClock._registered:
+            jax.monitoring.register_event_duration_secs_listener(_CompileClock._on_event)
+            _CompileClock._registered = True
+
+    @staticmethod
+    def _on_event(event: str, duration: float, **_) -> None:
+        if event.startswith("/jax/core/compile/"):
+            _CompileClock.total += duration
+
+
+def run(args, log=print) -> list[dict]:
+    import numpy as np
+    from tqdm import tqdm
+
+    import sjd2_jax
+    from sjd2_jax import checkpoint as ckpt
+    from sjd2_jax import mnist
+    from sjd2_jax.patch_vq import codec_of
+
+    _check_args(args)
+    prompts = read_prompts(args)
+    model_dir = args.model or sjd2_jax.DEMO_MODEL
+    if prompts is None:
+        if args.model is not None:
+            raise InferError("give --prompt or --prompts-file (the default prompts belong to the demo model)")
+        prompts = mnist.default_prompts()
+    if not (Path(model_dir) / ckpt.CONFIG_FILE).is_file():
+        raise InferError(f"--model {model_dir}: not an sjd2-jax checkpoint folder (no {ckpt.CONFIG_FILE}); "
+                         "import one with `python -m convert import`")
+    _prepare_out(args.out)
+    model = sjd2_jax.load(model_dir)
+    codec = codec_of(model_dir)
+    methods = [args.method] + ([m for m in METHODS if m != args.method] if args.compare else [])
+    B = min(args.batch_size, len(prompts))
+    clock = _CompileClock()
+    records = []
+    bar = tqdm(total=len(prompts) * len(methods), desc="images", unit="img", disable=args.no_progress,
+               file=sys.stderr)
+    with _replacing_dir(args.out) as tmp:
+        for method in methods:
+            bar.set_description(f"{method} images")
+            prefix = "" if method == args.method else f"{method}-"
+            opts = _method_options(args) if method == args.method else {}
+            pixels = []
+            for b, start in enumerate(range(0, len(prompts), B)):
+                chunk = prompts[start : start + B]
+                padded = chunk + [chunk[-1]] * (B - len(chunk))  # one batch shape: one compilation
+                t0, c0 = time.perf_counter(), clock.total
+                g = sjd2_jax.generate(model, padded, method=method, size=args.size, seed=args.seed * 100_003 + b,
+                                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                      cfg_scale=args.cfg_scale, **opts)
+                compile_s = clock.total - c0
+                dt = max(time.perf_counter() - t0 - compile_s, 0.0) / len(padded)
+                for k, prompt in enumerate(chunk):
+                    i = start + k
+                    if codec is not None:
+                        name = f"{prefix}{i:03d}.png"
+                        img = codec.decode(np.clip(g.codes[k], 0, codec.num_codes - 1))
+                        to_png(img, tmp / name)
+                        pixels.append(img)
+                    else:
+                        name = f"{prefix}{i:03d}.npy"
+                        np.save(tmp / name, g.codes[k])
+                    records.append({"prompt": prompt, "method": method, "image": name,
+                                    "tokens": int(g.plan.num_generated), "steps": int(g.steps[k]),
+                                    "step_compression": round(float(g.step_compression[k]), 3),
+                                    "seconds": round(dt, 4), "compile_seconds_of_batch": round(compile_s, 2),
+                                    "seed": args.seed, "batch": b})
+                bar.update(len(chunk))
+            if pixels:
+                grid = GRID_FILE if not prefix else f"grid-{method}.png"
+                to_png(tile(np.stack(pixels)), tmp / grid, args.grid_scale)
+        bar.close()
+        (tmp / STATS_FILE).write_text(json.dumps(records, indent=2) + "\n")
+    log(summary(records, args.out))
+    return records
+
+
+def summary(records: list[dict], out: Path) -> str:
+    """One row per method: steps, step compression, seconds per image (compilation excluded)."""
+    import numpy as np
+
+    by = {}
+    for r in records:
+        by.setdefault(r["method"], []).append(r)
+    ar_secs = np.mean([r["seconds"] for r in by["ar"]]) if "ar" in by else None
+    head = ["method", "images", "tokens/img", "steps/img (min-max)", "step compression", "s/img", "vs AR"]
+    rows = []
+    for method, rs in by.items():
+        steps = np.array([r["steps"] for r in rs])
+        tokens = np.array([r["tokens"] for r in rs])
+        secs = float(np.mean([r["seconds"] for r in rs]))
+        rows.append([method, str(len(rs)), f"{tokens.mean():.0f}", f"{steps.mean():.1f} ({steps.min()}-{steps.max()})",
+                     f"{tokens.sum() / steps.sum():.2f}x", f"{secs:.3f}",
+                     f"{ar_secs / secs:.2f}x" if ar_secs and secs > 0 else "-"])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    lines = [fmt(head), *(fmt(r) for r in rows)]
+    kind = GRID_FILE if records[0]["image"].endswith(".png") else "NNN.npy code grids"
+    lines.append(f"step compression = generated tokens / forward passes; s/img excludes compilation. "
+                 f"Output: {out}/ ({STATS_FILE}, {kind})")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m infer", description="Batch text-to-image generation (planned).")
-    p.parse_args(argv)
-    print("error: generation is not implemented yet (issues 5 and 7); only `python -m convert` works today",
-          file=sys.stderr)
-    return 2
+    args = _parser().parse_args(argv)
+    from sjd2_jax.checkpoint import CheckpointError
+
+    try:
+        run(args)
+    except (InferError, ValueError, CheckpointError, FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return USAGE_ERRORS
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
 
 
 if __name__ == "__main__":

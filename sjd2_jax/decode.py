@@ -138,12 +138,13 @@ def _head(params, cfg: ModelConfig, head: str, hidden) -> jax.Array:
 def _fresh(key, spec: DecodeSpec, allowed, shape, V, D):
     """New window positions: SJD/JD random allowed tokens (one-hot q); SJD2 pure noise."""
     k1, k2 = jax.random.split(key)
+    if spec.method == "sjd2":  # no draft until the model has predicted the position
+        z = jax.random.normal(k2, shape + (D,), jnp.float32)
+        return (jnp.zeros(shape, jnp.int32), jnp.zeros(shape, bool), jnp.zeros(shape + (V,), jnp.float32), z,
+                jnp.full(shape, spec.levels, jnp.int32))
     logits = jnp.where(allowed, 0.0, -jnp.inf)
     tok = jax.random.categorical(k1, jnp.broadcast_to(logits, shape + (V,))).astype(jnp.int32)
     q = jax.nn.one_hot(tok, V, dtype=jnp.float32)
-    if spec.method == "sjd2":
-        z = jax.random.normal(k2, shape + (D,), jnp.float32)
-        return tok, jnp.zeros(shape, bool), q, z, jnp.full(shape, spec.levels, jnp.int32)
     return tok, jnp.ones(shape, bool), q, jnp.zeros(shape + (D,), jnp.float32), jnp.zeros(shape, jnp.int32)
 
 
@@ -272,7 +273,7 @@ def decode(params, cfg: ModelConfig, spec: DecodeSpec, prompts, prompt_lens, for
             cand = y[:, :1]
 
         # 4. Commit c tokens; the KV of the window positions holding them stays (lengths += c).
-        c = jnp.where(active, c, 0)
+        c = jnp.where(active, jnp.minimum(c, N - s.n_done), 0)  # the last step may accept past the end
         newest = jnp.take_along_axis(cand, jnp.maximum(c - 1, 0)[:, None], 1)[:, 0]
         out = jax.vmap(lambda o, t, n: jax.lax.dynamic_update_slice(o, t, (n,)))(s.out, cand, s.n_done)
         out = jnp.where(active[:, None], out, s.out)

@@ -17,7 +17,7 @@ from sjd2_jax.standardize import embedding_stats
 DEFAULT_WINDOW = {"ar": 1, "jacobi": 16, "sjd": 16, "sjd2": 32}
 NOISE_OPTIONS = {"levels": "num_levels", "sigma_min": "sigma_min", "sigma_max": "sigma_max", "rho": "rho",
                  "parametrization": "parametrization", "e0_hat": "e0_hat", "stats": "stats",
-                 "pure_noise_top": "pure_noise_top"}
+                 "pure_noise_top": "pure_noise_top", "denoise_stride": "denoise_stride"}
 PROMPT_BUCKET = 64  # prompts are padded to a multiple of this, so lengths share compilations
 
 
@@ -54,7 +54,7 @@ def generate(model, prompts, *, method: str = "sjd2", size=None, seed: int = 0, 
     checkpoint's default (its sjd2_generation.json), else the family's published one.
     method_options (checkpoint defaults apply the same way): window, levels, exact (SJD2
     exact vs paper mode), sigma_min, sigma_max, rho, parametrization ("flow" | "vp"), e0_hat ("sample" | "mean"),
-    stats ("all" | "image"), pure_noise_top; trace=T records the window drafts of the first T
+    stats ("all" | "image"), pure_noise_top, denoise_stride (levels per denoise step); trace=T records the window drafts of the first T
     iterations (Generation.trace_drafts / trace_done, for trajectory plots).
     """
     if method not in METHODS:

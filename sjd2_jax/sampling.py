@@ -26,6 +26,24 @@ def guide(cond: jax.Array, uncond: jax.Array, scale: jax.Array, mode: str) -> ja
     return uncond + s * (cond - uncond)
 
 
+def _top_k_top_p(lg, top_k, top_p):
+    """Mask logits [B, W, V] outside each row's top-k, then outside its top-p nucleus."""
+    V = lg.shape[-1]
+    col = lambda a: a[:, None, None]  # noqa: E731
+    srt = -jnp.sort(-lg, axis=-1)  # descending
+    k = jnp.clip(top_k, 1, V)
+    kth = jnp.take_along_axis(srt, jnp.broadcast_to(col(k - 1), srt.shape[:-1] + (1,)), axis=-1)
+    lg = jnp.where(col(top_k > 0) & (lg < kth), NEG, lg)
+    # top-p over the (top-k restricted) sorted distribution: keep the smallest prefix with mass >= p.
+    srt = jnp.where(col(top_k > 0) & (srt < kth), NEG, srt)
+    ps = jax.nn.softmax(srt, axis=-1)
+    before = jnp.cumsum(ps, axis=-1) - ps  # mass strictly above each sorted entry
+    keep = before < col(top_p)
+    cut = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)
+    lg = jnp.where(col(top_p < 1.0) & (lg < cut), NEG, lg)
+    return lg
+
+
 def process(logits, allowed, forced, temperature, top_k, top_p) -> jax.Array:
     """Next-token probabilities [B, W, V] from logits [B, W, V].
 
@@ -38,17 +56,8 @@ def process(logits, allowed, forced, temperature, top_k, top_p) -> jax.Array:
     lg = jnp.where(allowed[None, None, :], logits.astype(jnp.float32), NEG)
     greedy = col(temperature <= 0)
     lg = lg / jnp.where(greedy, 1.0, col(temperature))
-    srt = -jnp.sort(-lg, axis=-1)  # descending
-    k = jnp.clip(top_k, 1, V)
-    kth = jnp.take_along_axis(srt, jnp.broadcast_to(col(k - 1), srt.shape[:-1] + (1,)), axis=-1)
-    lg = jnp.where(col(top_k > 0) & (lg < kth), NEG, lg)
-    # top-p over the (top-k restricted) sorted distribution: keep the smallest prefix with mass >= p.
-    srt = jnp.where(col(top_k > 0) & (srt < kth), NEG, srt)
-    ps = jax.nn.softmax(srt, axis=-1)
-    before = jnp.cumsum(ps, axis=-1) - ps  # mass strictly above each sorted entry
-    keep = before < col(top_p)
-    cut = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)
-    lg = jnp.where(col(top_p < 1.0) & (lg < cut), NEG, lg)
+    # The sort is the costliest part of a decode step: skip it when no row filters.
+    lg = jax.lax.cond(jnp.any(top_k > 0) | jnp.any(top_p < 1.0), _top_k_top_p, lambda x, *_: x, lg, top_k, top_p)
     probs = jax.nn.softmax(lg, axis=-1)
     argmax = jax.nn.one_hot(jnp.argmax(lg, -1), V, dtype=jnp.float32)
     probs = jnp.where(greedy, argmax, probs)

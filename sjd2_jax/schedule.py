@@ -59,6 +59,7 @@ class NoiseConfig:
     pure_noise_top: bool = True
     e0_hat: str = "sample"
     stats: str = "all"
+    denoise_stride: int = 1  # levels one denoise step descends (decoding; DDIM skips levels exactly)
 
     def __post_init__(self):
         if self.num_levels < 1:
@@ -74,6 +75,8 @@ class NoiseConfig:
             raise ValueError(f"e0_hat must be one of {E0_HAT_MODES}")
         if self.stats not in STATS_MODES:
             raise ValueError(f"stats must be one of {STATS_MODES}")
+        if self.denoise_stride < 1:
+            raise ValueError(f"denoise_stride must be >= 1, got {self.denoise_stride}")
 
 
 def karras_sigmas(num_levels: int, sigma_min: float, sigma_max: float, rho: float) -> np.ndarray:
@@ -103,11 +106,13 @@ def _tables(cfg: NoiseConfig) -> dict[str, np.ndarray]:
         alpha, sigma = 1.0 / np.sqrt(1.0 + s * s), s / np.sqrt(1.0 + s * s)
     if cfg.pure_noise_top:
         s[k], alpha[k], sigma[k] = np.inf, 0.0, 1.0
-    # Denoise-step coefficients by source level; level 0 is a no-op (r = 1, c = 0).
+    # Denoise-step coefficients by source level k -> k' = max(k - stride, 0); level 0 is a
+    # no-op (r = 1, c = 0).
+    dst = np.maximum(np.arange(k + 1) - cfg.denoise_stride, 0)
     r = np.ones(k + 1, np.float64)
     c = np.zeros(k + 1, np.float64)
-    r[1:] = sigma[:-1] / sigma[1:]
-    c[1:] = alpha[:-1] - alpha[1:] * r[1:]
+    r[1:] = sigma[dst[1:]] / sigma[1:]
+    c[1:] = alpha[dst[1:]] - alpha[1:] * r[1:]
     for arr in (s, alpha, sigma, r, c):
         arr.setflags(write=False)
     return dict(s=s, alpha=alpha, sigma=sigma, step_r=r, step_c=c)
@@ -141,16 +146,17 @@ def add_noise(e0: jax.Array, level: jax.Array, noise: jax.Array, cfg: NoiseConfi
 
 def denoise_step(z: jax.Array, level: jax.Array, e0_hat: jax.Array,
                  cfg: NoiseConfig) -> tuple[jax.Array, jax.Array]:
-    """One deterministic DDIM step from `level` to `level - 1`.
+    """One deterministic DDIM step from `level` to `level - cfg.denoise_stride` (floored at 0).
 
     z, e0_hat: [..., D] standardized; level: int [...]. Returns (z_new, new_level).
-    From level 1 the result is exactly e0_hat; at level 0 (already clean) z is
-    returned unchanged and the level stays 0.
+    Stepping to level 0 gives exactly e0_hat; at level 0 (already clean) z is
+    returned unchanged and the level stays 0. A stride above 1 is DDIM's exact jump over
+    intermediate levels: positions get clean in K / stride passes instead of K.
     """
     t = _tables(cfg)
     r, c = _gather(t["step_r"], level), _gather(t["step_c"], level)
     z_new = r * z.astype(jnp.float32) + c * e0_hat.astype(jnp.float32)
-    return z_new, jnp.maximum(level - 1, 0)
+    return z_new, jnp.maximum(level - cfg.denoise_stride, 0)
 
 
 def stats_for_config(cfg: NoiseConfig, table: jax.Array,

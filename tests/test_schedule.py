@@ -118,6 +118,13 @@ def test_denoise_with_true_e0_stays_on_trajectory(cfg, seed):
         assert np.all(np.asarray(new) == k - 1)
         np.testing.assert_allclose(np.asarray(z), np.asarray(noise(e0, lv - 1, eps, cfg)),
                                    atol=2e-6, rtol=1e-5)
+    # A strided step (DDIM over skipped levels) lands on the trajectory two levels down.
+    c2 = dataclasses.replace(cfg, denoise_stride=2)
+    for k in range(1, kk + 1):
+        lv = jnp.full(shape[:1], k)
+        z, new = step(noise(e0, lv, eps, c2), lv, e0, c2)
+        assert np.all(np.asarray(new) == max(k - 2, 0))
+        np.testing.assert_allclose(np.asarray(z), np.asarray(noise(e0, new, eps, cfg)), atol=2e-6, rtol=1e-5)
     # A whole chain from the top: errors must not accumulate, and level 0 is exact.
     lv = jnp.full(shape[:1], kk)
     z = noise(e0, lv, eps, cfg)

@@ -130,7 +130,9 @@ def test_resume_after_sigkill_is_exact(assets, tmp_path):
     md, data = assets
     common = ["--model", md, "--data", data, "--batch-size", 8, "--lr", 3e-3, "--compute-dtype", "float32",
               "--levels", 3, "--warmup", 2, "--mesh", "data=2,fsdp=2,tensor=2", "--steps", 10, "--save-every", 3]
-    straight = _cli([*common, "--out", tmp_path / "a"])
+    # Relative paths (from the trainer's cwd) must work too: orbax itself needs absolute ones.
+    rel = lambda p: os.path.relpath(p, ROOT)  # noqa: E731
+    straight = _cli([*[rel(a) if isinstance(a, Path) else a for a in common], "--out", rel(tmp_path / "a")])
     assert straight.wait(timeout=600) == 0, straight.communicate()
     victim = _cli([*common, "--out", tmp_path / "b"])
     _wait_for_steps(tmp_path / "b" / "metrics.jsonl", 7, victim)

@@ -124,7 +124,8 @@ def write_final(run_dir: Path, model_dir: Path, cfg, params, tc: TrainConfig) ->
 def run(model_dir, data_dir, run_dir, tc: TrainConfig, *, mesh: str | None = None, epochs: int | None = None,
         save_every: int = 100, keep: int = 3, resume: bool = False, progress: bool = True, log=print) -> dict:
     maybe_initialize_distributed()
-    model_dir, data_dir, run_dir = Path(model_dir), Path(data_dir), Path(run_dir)
+    # orbax needs absolute paths; resolve once so relative --out/--model/--data work
+    model_dir, data_dir, run_dir = Path(model_dir).resolve(), Path(data_dir).resolve(), Path(run_dir).resolve()
     cfg = ckpt.read_config(model_dir)
     if cfg.has_image_head:
         raise TrainError("training supports LM-vocabulary families (chameleon, emu3); the Janus-Pro "
