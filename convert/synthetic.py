@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sjd2_jax.layouts import lumina_image_token
+
 IMAGE_TOKEN_NAMES = [f"IMGIMG{a}{b}Z" for a in "ABCD" for b in "ABCDEFGH"]  # 32 image-code tokens
 
 
@@ -379,11 +381,6 @@ def make_janus_checkpoint(out, *, layout="hf", shards=1, dtype="float32", tie=Tr
 TEXT_CHARS = [chr(c) for c in range(32, 127)] + ["\n"]
 
 
-def _lumina_image_name(code: int) -> str:
-    """Chameleon's image-token naming: IMGIMG + the code's decimal digits as letters A..J + Z."""
-    return "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
-
-
 def _fill(vm: dict[str, int], start: int, names, vocab_size: int, what: str) -> int:
     names = list(names)
     if start + len(names) > vocab_size:
@@ -405,7 +402,7 @@ def lumina_vocabulary(vocab_size: int = 300, max_grid: int = 32) -> dict[str, in
     base = chameleon_vocabulary(vocab_size)
     vm = {n: i for n, i in base.items() if not n.startswith("IMGIMG") and i < 8}
     for code, name in enumerate(IMAGE_TOKEN_NAMES):
-        vm[_lumina_image_name(code)] = base[name]
+        vm[lumina_image_token(code)] = base[name]
     vm["<reserved08706>"] = 7
     nxt = 8 + len(IMAGE_TOKEN_NAMES)
     nxt = _fill(vm, nxt, ["<reserved08799>"] + [f"<reserved{8800 + n:05d}>" for n in range(1, max_grid + 1)]

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from sjd2_jax import checkpoint as ckpt  # noqa: E402
 from sjd2_jax import mnist  # noqa: E402
-from sjd2_jax.layouts import LUMINA, LUMINA_PROMPT, lumina_grid_token  # noqa: E402
+from sjd2_jax.layouts import LUMINA, LUMINA_PROMPT, lumina_grid_token, lumina_image_token  # noqa: E402
 from sjd2_jax.patch_vq import PatchCodec, fit_patch_codec  # noqa: E402
 
 DEMO_DIR = ROOT / "sjd2_jax" / "demo_model"
@@ -44,15 +44,10 @@ SPECIALS = ["<pad>", "<s>", "</s>", LUMINA["sep"], LUMINA["image_start"], LUMINA
 TEXT_MERGES = 120  # BPE merges learned on top of the 256 byte symbols
 
 
-def image_token_name(code: int) -> str:
-    """Chameleon's image-token naming: IMGIMG + the code's decimal digits as letters A..J + Z."""
-    return "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
-
-
 def train_tokenizer(folder: Path, corpus: list[str], num_codes: int, grid: int) -> dict[str, int]:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    specials = SPECIALS + [lumina_grid_token(grid // 2)] + [image_token_name(c) for c in range(num_codes)]
+    specials = SPECIALS + [lumina_grid_token(grid // 2)] + [lumina_image_token(c) for c in range(num_codes)]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -103,7 +98,8 @@ def init_checkpoint(out: Path, codec: PatchCodec, args) -> None:
         codec.save(tmp)
         ckpt.write_generation_defaults(tmp, {"sampling": dict(temperature=1.0, top_k=0, top_p=1.0,
                                                               cfg_scale=args.cfg_scale),
-                                             "methods": {"sjd2": {"window": args.window}}})
+                                             "methods": {"sjd2": {"window": args.window,
+                                                                  "denoise_stride": args.denoise_stride}}})
 
 
 def write_jsonl(path: Path, codes: np.ndarray, labels: np.ndarray, uncond_frac: float, seed: int) -> int:
@@ -152,7 +148,9 @@ def main(argv=None) -> int:
     p.add_argument("--sjd2-lr", type=float, default=3e-4)
     p.add_argument("--levels", type=int, default=20)
     p.add_argument("--parametrization", choices=["flow", "vp"], default="flow")
-    p.add_argument("--window", type=int, default=32, help="default SJD2 window written into the checkpoint")
+    p.add_argument("--window", type=int, default=64, help="default SJD2 window written into the checkpoint")
+    p.add_argument("--denoise-stride", type=int, default=4,
+                   help="default SJD2 denoise stride written into the checkpoint (benchmarks/RESULTS.md)")
     p.add_argument("--cfg-scale", type=float, default=3.0, help="default CFG scale written into the checkpoint")
     p.add_argument("--uncond-frac", type=float, default=0.1, help="unconditional copies per training digit")
     p.add_argument("--base", type=Path, default=None,

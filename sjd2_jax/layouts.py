@@ -217,6 +217,12 @@ def lumina_code(name: str) -> int | None:
     return int(digits)
 
 
+def lumina_image_token(code: int) -> str:
+    """Chameleon's image-token name of a VQ code (inverse of lumina_code): IMGIMG + the code's
+    decimal digits as letters A..J + Z."""
+    return "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(int(code))) + "Z"
+
+
 def lumina_grid_token(n_grids: int) -> str:
     """Lumina-mGPT's height/width token for n 32-pixel units (`get_n_grids_token`)."""
     return f"<reserved{8800 + n_grids:05d}>"

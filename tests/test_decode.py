@@ -158,7 +158,8 @@ def test_sampling_matches_exact_ar_distribution(dist_setup, method, kw):
         # negative control: the same samples against a different distribution must be rejected
         _, wrong = exact_ar_probs(params, prompt, temperature=0.8)
         assert chi2_pvalue(np.asarray(r.tokens), seqs, wrong) < 1e-6
-    if method == "sjd2" and spec.window - 1 > spec.levels:
-        # exact mode passes a position only once it is clean, which takes K passes: with W - 1 > K
-        # the window does commit several tokens in one pass (with W = 3, K = 2 it never can)
-        assert np.asarray(r.accepted).max() > 1
+    # Commits are counted up to N, never past it (the last pass may accept beyond the end).
+    assert (np.asarray(r.accepted).sum(1) == NTOK).all()
+    # (Exact SJD2 passes a position only once it is clean, which takes K passes, so with N = 3
+    # it commits one token per pass; multi-token commits are tested on the demo model, where
+    # SJD2 needs far fewer passes than AR.)

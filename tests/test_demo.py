@@ -215,3 +215,20 @@ def test_infer_unknown_flag_is_a_usage_message():
     assert r.returncode == 2
     assert "unrecognized arguments: --no-such-flag" in r.stderr and "usage: python -m infer" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_build_script_runs_end_to_end(tmp_path):
+    """scripts/build_demo.py at toy size: codec, tokenizer, init, prepare, AR run, SJD2 run, build_info."""
+    work = tmp_path / "work"
+    r = subprocess.run([sys.executable, "scripts/build_demo.py", "--work", str(work), "--layers", "1", "--hidden", "32",
+                        "--heads", "2", "--mlp", "64", "--batch-size", "8", "--ar-steps", "3", "--sjd2-steps", "3",
+                        "--levels", "4"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = json.loads((work / "build_info.json").read_text())
+    assert info["ar"]["steps"] == 3 and info["sjd2"]["steps"] == 3 and info["train_digits"] == 4500
+    final = work / "sjd2" / "final"
+    assert ckpt.generation_defaults(final)["methods"]["sjd2"]["levels"] == 4
+    model = sjd2_jax.load(final)
+    assert codec_of(final).grid == (14, 14) and model.config.hidden_size == 32
+    g = sjd2_jax.generate(model, ["a handwritten 3"], method="sjd2", seed=0)
+    assert g.codes.shape == (1, 14, 14)
