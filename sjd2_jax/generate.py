@@ -53,9 +53,10 @@ def generate(model, prompts, *, method: str = "sjd2", size=None, seed: int = 0, 
     lists of token ids (the complete prompt). None for a sampling knob means the
     checkpoint's default (its sjd2_generation.json), else the family's published one.
     method_options (checkpoint defaults apply the same way): window, levels, exact (SJD2
-    exact vs paper mode), sigma_min, sigma_max, rho, parametrization ("flow" | "vp"), e0_hat ("sample" | "mean"),
-    stats ("all" | "image"), pure_noise_top, denoise_stride (levels per denoise step); trace=T records the window drafts of the first T
-    iterations (Generation.trace_drafts / trace_done, for trajectory plots).
+    exact vs paper mode), sigma_min, sigma_max, rho, parametrization ("flow" | "vp"),
+    e0_hat ("sample" | "mean"), stats ("all" | "image"), pure_noise_top, denoise_stride
+    (levels per denoise step); trace=T records the window drafts of the first T iterations
+    (Generation.trace_drafts / trace_done, for trajectory plots).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
