@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     j = p.add_argument_group("Jacobi window and SJD2 options (default: the checkpoint's)")
     j.add_argument("--window", type=int, default=None, help="window length W (jacobi, sjd, sjd2)")
     j.add_argument("--levels", type=int, default=None, help="SJD2 noise levels K (must match the fine-tune)")
+    j.add_argument("--denoise-stride", type=int, default=None,
+                   help="SJD2 levels per denoise step (exact DDIM jump; positions get clean in K / stride passes)")
     j.add_argument("--paper-mode", action="store_true",
                    help="SJD2: accept drafts through noisy positions (the paper's verification; not lossless)")
     j.add_argument("--e0-hat", choices=["sample", "mean"], default=None,
@@ -98,7 +100,7 @@ def _check_args(args) -> None:
     if args.window is not None and args.method == "ar":
         raise InferError("--window does not apply to --method ar")
     sjd2_only = [n for n, v in (("--levels", args.levels), ("--paper-mode", args.paper_mode or None),
-                                ("--e0-hat", args.e0_hat)) if v is not None]
+                                ("--e0-hat", args.e0_hat), ("--denoise-stride", args.denoise_stride)) if v is not None]
     if sjd2_only and args.method != "sjd2":
         raise InferError(f"{', '.join(sjd2_only)} apply to --method sjd2 only")
 
@@ -137,6 +139,8 @@ def _method_options(args) -> dict:
         opts["exact"] = False
     if args.e0_hat is not None:
         opts["e0_hat"] = args.e0_hat
+    if args.denoise_stride is not None:
+        opts["denoise_stride"] = args.denoise_stride
     return opts
 
 

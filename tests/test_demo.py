@@ -203,6 +203,11 @@ def test_infer_bad_arguments(tmp_path, capsys):
     assert "not an sjd2-jax checkpoint" in capsys.readouterr().err
     assert _infer(["--method", "ar", "--window", "4", "--out", str(tmp_path / "o")]) == 2
     assert "--window does not apply" in capsys.readouterr().err
+    assert _infer(["--method", "sjd", "--denoise-stride", "2", "--out", str(tmp_path / "o")]) == 2
+    assert "--denoise-stride apply to --method sjd2 only" in capsys.readouterr().err
+    assert _infer(["--denoise-stride", "0", "--prompt", "a 1", "--out", str(tmp_path / "o")]) == 2
+    assert "denoise_stride must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     assert _infer(["--out", str(tmp_path / "mine")]) == 2
