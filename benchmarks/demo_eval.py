@@ -49,8 +49,8 @@ class DigitClassifier:
 
     @staticmethod
     def _x(images) -> np.ndarray:
-        x = np.asarray(images, np.float32)
-        x = x / 255.0 if x.max() > 1.5 else x
+        x = np.asarray(images)
+        x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)  # uint8 or [0, 1]
         return x.reshape(len(x), -1)
 
     def predict(self, images) -> np.ndarray:

@@ -16,12 +16,8 @@ VQ decoder aside) get each image's code grid as NNN.npy instead of a PNG.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -108,25 +104,6 @@ def _check_args(args) -> None:
 def _prepare_out(out: Path) -> None:
     if out.exists() and not (out.is_dir() and ((out / STATS_FILE).is_file() or not any(out.iterdir()))):
         raise InferError(f"--out {out} exists and is not an earlier infer output; choose a new folder")
-
-
-@contextlib.contextmanager
-def _replacing_dir(out: Path):
-    """Yield a temporary sibling folder that replaces `out` (an earlier output) only on success."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _method_options(args) -> dict:
@@ -217,7 +194,7 @@ def run(args, log=print) -> list[dict]:
     records = []
     bar = tqdm(total=len(prompts) * len(methods), desc="images", unit="img", disable=args.no_progress,
                file=sys.stderr)
-    with _replacing_dir(args.out) as tmp:
+    with ckpt.atomic_output_dir(args.out, replace=True) as tmp:  # checked by _prepare_out
         for method in methods:
             bar.set_description(f"{method} images")
             prefix = "" if method == args.method else f"{method}-"

@@ -169,17 +169,27 @@ def load_params(ckpt_dir, cfg: ModelConfig | None = None, dtype=None, shardings=
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out_dir: str | os.PathLike):
-    """Yield a temporary sibling folder; rename it to out_dir only if the block succeeds."""
+def atomic_output_dir(out_dir: str | os.PathLike, replace: bool = False):
+    """Yield a temporary sibling folder; rename it to out_dir only if the block succeeds.
+
+    An existing out_dir is an error, unless `replace`: then it is swapped out only after
+    the block succeeded, so a failure leaves the earlier folder as it was.
+    """
     out = Path(out_dir)
-    if out.exists():
+    if out.exists() and not replace:
         raise FileExistsError(f"output folder {out} already exists; choose a new path")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
-        os.replace(tmp, out)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -206,19 +216,19 @@ def write_generation_defaults(ckpt_dir, defaults: dict) -> None:
     (Path(ckpt_dir) / GENERATION_FILE).write_text(json.dumps(defaults, indent=2, sort_keys=True) + "\n")
 
 
-def copy_side_files(src: Path, dst: Path) -> list[str]:
+def copy_files(src, dst, names) -> list[str]:
+    """Copy the files of `names` that exist in src to dst; returns the copied names."""
     copied = []
-    for name in SIDE_FILES:
+    for name in names:
         if (Path(src) / name).is_file():
             shutil.copy2(Path(src) / name, Path(dst) / name)
             copied.append(name)
     return copied
 
 
+def copy_side_files(src: Path, dst: Path) -> list[str]:
+    return copy_files(src, dst, SIDE_FILES)
+
+
 def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-            copied.append(name)
-    return copied
+    return copy_files(src, dst, TOKENIZER_FILES)

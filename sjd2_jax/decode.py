@@ -321,10 +321,10 @@ def decode(params, cfg: ModelConfig, spec: DecodeSpec, prompts, prompt_lens, for
         trace_drafts, trace_done = s.trace_drafts, s.trace_done
         if spec.trace:
             t = jnp.minimum(s.it, spec.trace - 1)
-            record = s.it < spec.trace
-            trace_drafts = jnp.where(record, trace_drafts.at[t].set(jnp.where(s.has_draft, s.drafts, -1)),
-                                     trace_drafts)
-            trace_done = jnp.where(record, trace_done.at[t].set(s.n_done), trace_done)
+            record = s.it < spec.trace  # past the traced iterations, slot t is rewritten unchanged
+            trace_drafts = trace_drafts.at[t].set(
+                jnp.where(record, jnp.where(s.has_draft, s.drafts, -1), trace_drafts[t]))
+            trace_done = trace_done.at[t].set(jnp.where(record, s.n_done, trace_done[t]))
         return DecodeState(cache, last_emb, n_done, drafts, has_draft, q, z, level, out,
                            s.steps + active.astype(jnp.int32), accepted, s.it + 1, key, trace_drafts, trace_done)
 

@@ -13,6 +13,7 @@ On disk, next to a checkpoint's parameters:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -84,9 +85,16 @@ class PatchCodec:
 
 
 def codec_of(folder) -> PatchCodec | None:
-    """The checkpoint folder's image codec, or None if it has none (real checkpoints keep their VQ aside)."""
+    """The checkpoint folder's image codec, or None if it has none (real checkpoints keep their VQ aside).
+    Loaded once per folder and file version (every image_plan asks for it)."""
     if folder is None or not (Path(folder) / CODEC_FILE).is_file():
         return None
+    f = Path(folder).resolve()
+    return _load_cached(str(f), (f / CODEC_FILE).stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_cached(folder: str, mtime_ns: int) -> PatchCodec:
     return PatchCodec.load(folder)
 
 

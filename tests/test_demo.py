@@ -237,3 +237,20 @@ def test_build_script_runs_end_to_end(tmp_path):
     assert codec_of(final).grid == (14, 14) and model.config.hidden_size == 32
     g = sjd2_jax.generate(model, ["a handwritten 3"], method="sjd2", seed=0)
     assert g.codes.shape == (1, 14, 14)
+
+
+def test_atomic_output_dir_replace_keeps_the_old_folder_on_failure(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stats.json").write_text("old")
+    with pytest.raises(RuntimeError):
+        with ckpt.atomic_output_dir(out, replace=True) as tmp:
+            (tmp / "stats.json").write_text("new")
+            raise RuntimeError("midway")
+    assert (out / "stats.json").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with ckpt.atomic_output_dir(out, replace=True) as tmp:
+        (tmp / "stats.json").write_text("new")
+    assert (out / "stats.json").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with pytest.raises(FileExistsError):
+        with ckpt.atomic_output_dir(out):
+            pass

@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
 import time
 import warnings
@@ -97,19 +96,14 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 def write_final(run_dir: Path, model_dir: Path, cfg, params, tc: TrainConfig) -> Path:
     """The result as an sjd2-jax checkpoint folder that `load` and `convert export` accept."""
     out = run_dir / FINAL
-    if out.exists():
-        shutil.rmtree(out)
     host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
-    with ckpt.atomic_output_dir(out) as tmp:
+    with ckpt.atomic_output_dir(out, replace=True) as tmp:  # a rerun's final/ replaces the old one
         ckpt.save_params(tmp / ckpt.PARAMS_DIR, host)
         meta = ckpt.read_meta(model_dir)
         src = dict(meta.get("source", {}), finetuned_from=str(model_dir), objective=tc.objective)
         ckpt.write_config(tmp, cfg.replace(dtype=tc.param_dtype), src)
-        for name in (ckpt.HF_CONFIG_FILE, ckpt.ASIDE_FILE, "generation_config.json"):
-            if (model_dir / name).is_file():
-                shutil.copy2(model_dir / name, tmp / name)
-        ckpt.copy_tokenizer_files(model_dir, tmp)
-        ckpt.copy_side_files(model_dir, tmp)
+        ckpt.copy_files(model_dir, tmp, (ckpt.HF_CONFIG_FILE, ckpt.ASIDE_FILE, "generation_config.json",
+                                         *ckpt.TOKENIZER_FILES, *ckpt.SIDE_FILES))
         if tc.objective == "sjd2":  # decode with the noise schedule the model was trained on
             gen = ckpt.generation_defaults(model_dir)
             n = tc.noise
