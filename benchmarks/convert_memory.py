@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from convert import safetensors_io as st
+from sjd2_jax.io import safetensors_file as st
 
 CHILD = r"""
 import json, sys, time
-from convert.importer import import_checkpoint
+from sjd2_jax.io.importer import import_checkpoint
 import orbax.checkpoint.experimental.v1  # noqa: F401  (baseline includes every import)
 
 def status(field):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,11 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sjd2_jax import model as M
-from sjd2_jax.cache import KVCache
-from sjd2_jax.decode import DecodeSpec, Sampling, decode
-from sjd2_jax.masks import window_masks, window_positions
-from sjd2_jax.schedule import NoiseConfig
+from sjd2_jax.model import transformer as M
+from sjd2_jax.model.cache import KVCache
+from sjd2_jax.decode.engine import DecodeSpec, Sampling, decode
+from sjd2_jax.sjd2.masks import window_masks, window_positions
+from sjd2_jax.sjd2.schedule import NoiseConfig
 
 
 def _best(fn, repeat=5):
@@ -97,8 +98,9 @@ def engine_overhead(params, cfg, n_tokens=200, window=16, levels=4, batch=1):
 def ar_vs_transformers(n_tokens=128):
     import torch
 
-    from convert.importer import import_checkpoint
-    from convert.synthetic import make_chameleon_checkpoint
+    from sjd2_jax.io.importer import import_checkpoint
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the synthetic checkpoint fixtures
+    from synthetic import make_chameleon_checkpoint
     import sjd2_jax
 
     work = Path(tempfile.mkdtemp(prefix="sjd2-bench-"))
@@ -141,7 +143,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/decode_bench.json"))
     ap.add_argument("--skip-transformers", action="store_true")
     args = ap.parse_args(argv)
-    from sjd2_jax.config import ModelConfig
+    from sjd2_jax.model.config import ModelConfig
 
     cfg = ModelConfig(family="chameleon", vocab_size=1024, hidden_size=256, num_layers=4, num_heads=4,
                       num_kv_heads=4, intermediate_size=1024, qk_norm=True)

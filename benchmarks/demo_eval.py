@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 import sjd2_jax
-from sjd2_jax import mnist
-from sjd2_jax.patch_vq import codec_of
+from sjd2_jax.demo import mnist
+from sjd2_jax.demo.patch_codec import codec_of
 
 METHODS = ("ar", "jacobi", "sjd", "sjd2")
 RESULTS = Path(__file__).resolve().parent / "results"

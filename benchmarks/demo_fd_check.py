@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sjd2_jax
 from benchmarks.demo_eval import Judge, eval_prompts, frechet_distance, run_method
-from sjd2_jax.patch_vq import codec_of
+from sjd2_jax.demo.patch_codec import codec_of
 
 
 def main() -> int:

@@ -1,11 +1,10 @@
-"""python -m convert {import,export,check,demo}: PyTorch checkpoints <-> sjd2-jax."""
+"""python -m convert {import,export,check}: PyTorch checkpoints <-> sjd2-jax."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 USAGE_ERRORS = 2
@@ -39,16 +38,13 @@ def _parser() -> argparse.ArgumentParser:
     chk.add_argument("--batch", type=int, default=2)
     chk.add_argument("--seed", type=int, default=0)
 
-    demo = sub.add_parser("demo", help="make a small random Chameleon checkpoint, import it, check parity, export it")
-    demo.add_argument("--out", type=Path, default=None, help="work folder (default: a temporary folder)")
-    demo.add_argument("--layout", choices=["hf", "lumina"], default="hf")
     return p
 
 
 def _run(args) -> int:
-    from convert.check import check, format_report
-    from convert.exporter import export_checkpoint
-    from convert.importer import import_checkpoint
+    from sjd2_jax.io.parity import check, format_report
+    from sjd2_jax.io.exporter import export_checkpoint
+    from sjd2_jax.io.importer import import_checkpoint
 
     if args.cmd == "import":
         r = import_checkpoint(args.src, args.out, dtype=args.dtype)
@@ -69,35 +65,14 @@ def _run(args) -> int:
         if args.length < 1 or args.batch < 1:
             raise ValueError("--length and --batch must be positive")
         print(format_report(check(args.src, args.ckpt, length=args.length, batch=args.batch, seed=args.seed)))
-    elif args.cmd == "demo":
-        from convert.synthetic import make_chameleon_checkpoint
-
-        work = args.out or Path(tempfile.mkdtemp(prefix="sjd2-demo-"))
-        src, ours, back = work / "torch", work / "sjd2", work / "exported"
-        print(f"1/4 random tiny Chameleon checkpoint ({args.layout} layout) -> {src}")
-        make_chameleon_checkpoint(src, layout=args.layout, shards=2, mp_groups=1)
-        print("2/4 import")
-        import_checkpoint(src, ours)
-        print("3/4 logits vs transformers on a 640-token prompt")
-        r = check(src, ours)
-        print(format_report(r))
-        print("4/4 export back to the HF layout")
-        export_checkpoint(ours, back)
-        from transformers import ChameleonForConditionalGeneration
-
-        ChameleonForConditionalGeneration.from_pretrained(str(back))
-        ok = r["max_rel_err"] < 1e-4 and r["top1_agreement"] == 1.0
-        print(f"{'OK' if ok else 'MISMATCH'}: max relative logit error {r['max_rel_err']:.2e}, "
-              f"top-1 agreement {r['top1_agreement']:.3f}; exported folder loads in transformers: {back}")
-        return 0 if ok else 1
     return 0
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    from convert.families import ConversionError
-    from convert.safetensors_io import FormatError
-    from sjd2_jax.checkpoint import CheckpointError
+    from sjd2_jax.families.mapping import ConversionError
+    from sjd2_jax.io.safetensors_file import FormatError
+    from sjd2_jax.io.checkpoint import CheckpointError
 
     try:
         return _run(args)

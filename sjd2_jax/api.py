@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sjd2_jax import checkpoint as ckpt
-from sjd2_jax import model as M
-from sjd2_jax.config import ModelConfig
+from sjd2_jax.io import checkpoint as ckpt
+from sjd2_jax.model import transformer as M
+from sjd2_jax.model.config import ModelConfig
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
@@ -34,7 +34,7 @@ def _image_logits(params, cfg: ModelConfig, prompt_ids, image_codes):
 
 
 # The bundled demo: a small Chameleon-layout model trained on MNIST digits (scripts/build_demo.py).
-DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
+DEMO_MODEL = Path(__file__).resolve().parent / "demo" / "checkpoint"
 
 
 class Model:

@@ -1,7 +1,11 @@
 """Shared test setup: float32 parity needs full-precision matmuls; cache compilations."""
 
 import os
+import sys
 import tempfile
+
+# Test-only fixtures (helpers.py, synthetic.py) live beside this file; tests import them by name.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # Eight fake CPU devices for the sharding tests; single-device code uses device 0 as before.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):

@@ -30,7 +30,7 @@ def numpy_params(cfg, seed):
     import jax.numpy as jnp
     import numpy as np
 
-    from sjd2_jax import model as M
+    from sjd2_jax.model import transformer as M
 
     rng = np.random.default_rng(seed)
 

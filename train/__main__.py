@@ -50,9 +50,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    from sjd2_jax.checkpoint import CheckpointError
-    from train.data import DataError
-    from train.trainer import TrainConfig, TrainError
+    from sjd2_jax.io.checkpoint import CheckpointError
+    from sjd2_jax.training.data import DataError
+    from sjd2_jax.training.step import TrainConfig, TrainError
 
     try:
         tc = TrainConfig(steps=args.steps or 100, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
                          seed=args.seed, param_dtype=args.param_dtype, compute_dtype=args.compute_dtype,
                          remat=args.remat, levels=args.levels, parametrization=args.parametrization, clean_prob=args.clean_prob)
         if args.plan:
-            from train.plan import plan
+            from sjd2_jax.training.plan import plan
 
             print(plan(args.model, args.preset, tc, args.mesh, args.seq_len))
             return 0
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
             raise ValueError(f"missing {', '.join(missing)} (see --help)")
         if args.save_every < 1 or args.keep < 1:
             raise ValueError("--save-every and --keep must be positive")
-        from train.run import run
+        from sjd2_jax.training.run import run
 
         r = run(args.model, args.data, args.out, tc, mesh=args.mesh, epochs=args.epochs, save_every=args.save_every,
                 keep=args.keep, resume=args.resume)

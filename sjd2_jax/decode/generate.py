@@ -1,0 +1,112 @@
+"""`sjd2_jax.decode.generate`: text (or token ids) in, image tokens out, with any of the four methods."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sjd2_jax.io import checkpoint as ckpt
+from sjd2_jax.families import layouts as L
+from sjd2_jax.decode.engine import METHODS, DecodeSpec, Sampling, decode, input_table
+from sjd2_jax.sjd2.schedule import NoiseConfig
+from sjd2_jax.sjd2.standardize import embedding_stats
+
+DEFAULT_WINDOW = {"ar": 1, "jacobi": 16, "sjd": 16, "sjd2": 32}
+NOISE_OPTIONS = {"levels": "num_levels", "sigma_min": "sigma_min", "sigma_max": "sigma_max", "rho": "rho",
+                 "parametrization": "parametrization", "e0_hat": "e0_hat", "stats": "stats",
+                 "pure_noise_top": "pure_noise_top", "denoise_stride": "denoise_stride"}
+PROMPT_BUCKET = 64  # prompts are padded to a multiple of this, so lengths share compilations
+
+
+@dataclasses.dataclass
+class Generation:
+    tokens: np.ndarray  # int [B, len(prefix) + N]: the full generated layout (forced prefix included)
+    codes: np.ndarray  # int [B, h, w]
+    steps: np.ndarray  # int [B]: forward passes of the decode loop per row (prefill not counted)
+    accepted: np.ndarray  # int [B, N]: tokens committed at each step (0 once the row is done)
+    plan: L.ImagePlan
+    method: str
+    trace_drafts: np.ndarray | None = None  # [T, B, W-1] with trace=T: window drafts per iteration (-1 none)
+    trace_done: np.ndarray | None = None  # [T, B]: tokens committed before each traced iteration
+
+    @property
+    def step_compression(self) -> np.ndarray:
+        """Tokens the loop generated per forward pass, per row."""
+        return self.plan.num_generated / np.maximum(self.steps, 1)
+
+
+def _pad(rows: list[list[int]], length: int) -> np.ndarray:
+    out = np.zeros((len(rows), length), np.int32)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
+def generate(model, prompts, *, method: str = "sjd2", size=None, seed: int = 0, temperature=None, top_k=None,
+             top_p=None, cfg_scale=None, **method_options) -> Generation:
+    """Generate one image's tokens per prompt.
+
+    prompts: strings (the family template and the checkpoint's tokenizer are applied) or
+    lists of token ids (the complete prompt). None for a sampling knob means the
+    checkpoint's default (its sjd2_generation.json), else the family's published one.
+    method_options (checkpoint defaults apply the same way): window, levels, exact (SJD2
+    exact vs paper mode), sigma_min, sigma_max, rho, parametrization ("flow" | "vp"),
+    e0_hat ("sample" | "mean"), stats ("all" | "image"), pure_noise_top, denoise_stride
+    (levels per denoise step); trace=T records the window drafts of the first T iterations
+    (Generation.trace_drafts / trace_done, for trajectory plots).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    saved = ckpt.generation_defaults(getattr(model, "path", None))
+    method_options = {**saved.get("methods", {}).get(method, {}), **method_options}
+    unknown = sorted(set(method_options) - {"window", "exact", "trace"} - set(NOISE_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown method options {unknown}; known: window, exact, trace, {', '.join(NOISE_OPTIONS)}")
+    cfg = model.config
+    plan = L.image_plan(model, size)
+    cond, uncond = L.prompt_ids(model, prompts, plan)
+    prefix = list(plan.prefix)
+    cond = [list(c) + prefix for c in cond]
+    uncond = [list(u) + prefix for u in uncond]
+    B = len(cond)
+    if B == 0:
+        raise ValueError("no prompts given")
+
+    defaults = dict(L.sampling_defaults(plan.family), **saved.get("sampling", {}))
+    pick = lambda v, k: defaults[k] if v is None else v  # noqa: E731
+    temperature, top_k = pick(temperature, "temperature"), pick(top_k, "top_k")
+    top_p, cfg_scale = pick(top_p, "top_p"), pick(cfg_scale, "cfg_scale")
+    use_cfg = bool(np.any(np.asarray(cfg_scale) != 1.0))
+
+    noise_kw = {NOISE_OPTIONS[k]: v for k, v in method_options.items() if k in NOISE_OPTIONS}
+    try:
+        spec = DecodeSpec(method=method, window=int(method_options.get("window", DEFAULT_WINDOW[method])),
+                          num_tokens=plan.num_generated, head=plan.head, cfg=use_cfg, cfg_mode=plan.cfg_mode,
+                          exact=bool(method_options.get("exact", True)), noise=NoiseConfig(**noise_kw),
+                          trace=int(method_options.get("trace", 0)))
+    except TypeError as e:
+        raise ValueError(str(e)) from None
+
+    rows = cond + (uncond if use_cfg else [])
+    longest = max(len(r) for r in rows)
+    P = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
+    need = longest + spec.num_tokens + spec.window + spec.levels
+    if need > cfg.max_position_embeddings:
+        raise ValueError(f"prompt of {longest} tokens + {spec.num_tokens} generated + window {spec.window} "
+                         f"+ {spec.levels} timestep tokens = {need} exceeds the model's "
+                         f"max_position_embeddings {cfg.max_position_embeddings}")
+    knobs = Sampling.make(B, temperature, top_k, top_p, cfg_scale)
+    stats = None
+    if method == "sjd2" and spec.noise.stats == "image":
+        stats = embedding_stats(input_table(model.params, cfg, spec.head), jnp.asarray(plan.allowed))
+    r = decode(model.params, cfg, spec, jnp.asarray(_pad(rows, P)), jnp.asarray([len(x) for x in rows], jnp.int32),
+               jnp.asarray(plan.forced), jnp.asarray(plan.allowed), knobs, jax.random.key(seed), stats)
+    gen = np.asarray(r.tokens)
+    tokens = np.concatenate([np.broadcast_to(np.asarray(prefix, np.int32), (B, len(prefix))), gen], 1)
+    return Generation(tokens=tokens, codes=plan.tokens_to_codes(gen), steps=np.asarray(r.steps),
+                      accepted=np.asarray(r.accepted), plan=plan, method=method,
+                      trace_drafts=np.asarray(r.trace_drafts) if spec.trace else None,
+                      trace_done=np.asarray(r.trace_done) if spec.trace else None)

@@ -1,0 +1,157 @@
+"""Streaming reader for PyTorch `pytorch_model*.bin` pickles (Janus-Pro's original release).
+
+One file at a time, always `torch.load(..., weights_only=True)` (no arbitrary code
+from the pickle). Files written by `torch.save` since PyTorch 1.6 are zip archives and
+are opened with `mmap=True`: tensors stay on disk until read, so peak memory is one
+tensor. A legacy (non-zip) pickle cannot be memory-mapped and is loaded whole, so
+there the peak is one `.bin` file (up to 10 GB for Janus-Pro-7B's first shard).
+
+Scanning reads every file once for names, shapes and dtypes; reading keeps at most one
+file open, so callers should read tensors grouped by file (`TensorInfo.file`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+INDEX = "pytorch_model.bin.index.json"
+
+
+class BinError(Exception):
+    """A `.bin` file that cannot be read as a state dict; the message names the file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """Same fields as safetensors_io.TensorInfo that the importer uses (name, file, dtype, shape)."""
+
+    name: str
+    file: Path
+    dtype: str  # safetensors dtype name (F32, BF16, ...)
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        from sjd2_jax.io.safetensors_file import DTYPES
+
+        return int(np.prod(self.shape, dtype=np.int64)) * DTYPES[self.dtype].itemsize
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise BinError("reading pytorch_model*.bin needs torch (pip install torch); safetensors sources do not") from None
+    return torch
+
+
+def _dtype_name(t) -> str:
+    torch = _torch()
+    names = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL"}
+    if t.dtype not in names:
+        raise BinError(f"unsupported tensor dtype {t.dtype}")
+    return names[t.dtype]
+
+
+def _load(path: Path) -> dict:
+    """torch.load one file (weights_only; memory-mapped when possible) and check it is a state dict."""
+    torch = _torch()
+    try:
+        try:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy pickle: loaded whole
+    except Exception as e:  # truncated zip, not a pickle, disallowed globals: all name the file
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BinError(f"{path}: cannot be read as a PyTorch state dict ({type(e).__name__}: {msg[:200]})") from None
+    if not isinstance(sd, dict) or not sd:
+        raise BinError(f"{path}: not a state dict (found {type(sd).__name__}{' (empty)' if isinstance(sd, dict) else ''})")
+    bad = [k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise BinError(f"{path}: not a state dict of tensors (entries {[str(b) for b in bad[:5]]} are not name -> tensor)")
+    return sd
+
+
+def bin_files(src: Path) -> list[Path]:
+    """The .bin files of a folder: those listed by the index, or all pytorch_model*.bin."""
+    index = src / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise BinError(f"{index}: not a .bin index (no weight_map)") from None
+        files = [src / f for f in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise BinError(f"{index}: lists shard(s) {', '.join(missing)}, which do not exist")
+        return files
+    return sorted(src.glob("pytorch_model*.bin"))
+
+
+def scan_folder(src: Path) -> list[TensorInfo]:
+    """Names, shapes and dtypes of every tensor, one file at a time; duplicates and index disagreements are errors."""
+    files = bin_files(src)
+    if not files:
+        raise BinError(f"{src}: no pytorch_model*.bin files")
+    seen: dict[str, TensorInfo] = {}
+    dups = []
+    for f in files:
+        sd = _load(f)
+        for k, v in sd.items():
+            if k in seen:
+                dups.append(f"{k} ({seen[k].file.name} and {f.name})")
+            seen[k] = TensorInfo(k, f, _dtype_name(v), tuple(v.shape))
+        del sd
+    if dups:
+        raise BinError(f"duplicate tensor names: {', '.join(sorted(dups)[:10])}")
+    index = src / INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        wrong = sorted(k for k, f in weight_map.items() if k not in seen or seen[k].file.name != f)
+        unlisted = sorted(set(seen) - set(weight_map))
+        if wrong or unlisted:
+            raise BinError(f"{index} disagrees with the shards: listed but not found {wrong[:10]}, found but not listed {unlisted[:10]}")
+    return list(seen.values())
+
+
+class Reader:
+    """Reads tensors, keeping only the most recently used .bin file open."""
+
+    def __init__(self):
+        self._file: Path | None = None
+        self._sd: dict | None = None
+
+    def read(self, info: TensorInfo) -> np.ndarray:
+        if self._file != info.file:
+            self.close()
+            self._sd = _load(info.file)
+            self._file = info.file
+        t = self._sd.get(info.name)
+        if t is None:
+            raise BinError(f"{info.file}: tensor {info.name!r} disappeared between scan and read")
+        torch = _torch()
+        t = t.detach().contiguous()
+        if t.dtype == torch.bfloat16:
+            arr = t.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
+        else:
+            arr = t.numpy().copy()
+        if arr.shape != info.shape:
+            raise BinError(f"{info.file}: tensor {info.name!r} changed shape between scan and read")
+        return arr
+
+    def close(self) -> None:
+        self._sd = None
+        self._file = None
+
+
+def has_bin(src: Path) -> bool:
+    return (src / INDEX).is_file() or any(src.glob("pytorch_model*.bin"))

@@ -1,0 +1,130 @@
+"""Training sequences for next-clean-token prediction (DESIGN.md 1.3, "Training").
+
+From a (prompt, image tokens) sequence of fixed length T:
+1. with probability `clean_prob` the whole sequence stays clean (keeps AR ability);
+2. otherwise a clean prefix of P image tokens is drawn (P uniform in [0, n_img)),
+   the remaining image tokens are cut at `num_segments - 1` uniform points into
+   contiguous segments (some may be empty), and the segments get non-decreasing
+   levels drawn uniformly from 1..K (sorted), mirroring the inference window;
+3. noisy positions get mu + sd * (alpha e0 + sigma eps) as input, clean ones E[x];
+4. the K timestep tokens (levels 1..K) are appended, so every output has the
+   static length T + K whatever levels were drawn.
+Targets are the next clean token id at every real position; the loss mask keeps
+positions whose target is an image token (so no loss on the prompt, on the last
+position, or on timestep tokens). Only positions marked `noisable` (default:
+the image positions) are ever noised, so forced structure tokens can stay clean.
+
+`build_training_example` works on one sequence and is vmappable;
+`build_training_batch` vmaps it over a batch with independent keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from sjd2_jax.sjd2.masks import training_mask
+from sjd2_jax.sjd2.schedule import NoiseConfig, add_noise
+from sjd2_jax.sjd2.standardize import EmbedStats, standardize, unstandardize
+from sjd2_jax.sjd2.timestep import TIMESTEP_POSITION, timestep_embeddings, timestep_levels
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainBatchConfig:
+    """How training sequences are noised; frozen and hashable (static jit argument)."""
+
+    num_segments: int = 4  # noisy segments after the clean prefix (some may be empty)
+    clean_prob: float = 0.1  # fraction of sequences left fully clean
+
+    def __post_init__(self):
+        if self.num_segments < 1:
+            raise ValueError(f"num_segments must be >= 1, got {self.num_segments}")
+        if not 0.0 <= self.clean_prob <= 1.0:
+            raise ValueError(f"clean_prob must be in [0, 1], got {self.clean_prob}")
+
+
+class TrainingExample(NamedTuple):
+    """Model inputs and targets; leading [B] when batched, L = T + K."""
+
+    inputs: jax.Array  # [L, D] input embeddings (table dtype)
+    positions: jax.Array  # int32 [L]: 0..T-1, then TIMESTEP_POSITION
+    mask: jax.Array  # bool [L, L], True = query row may attend key column
+    targets: jax.Array  # int32 [L]: next clean token id (0 where unused)
+    loss_mask: jax.Array  # bool [L]
+    level: jax.Array  # int32 [L]: input noise level; for timestep tokens the level served
+    is_timestep: jax.Array  # bool [L]
+
+
+def _uniform_int(u: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
+    """Integers uniform in [lo, hi) from uniforms u in [0, 1) (clipped against float rounding)."""
+    return jnp.minimum(lo + jnp.floor(u * (hi - lo)).astype(jnp.int32), hi - 1)
+
+
+def sample_levels(key: jax.Array, noisable: jax.Array, num_levels: int,
+                  cfg: TrainBatchConfig) -> jax.Array:
+    """Per-position noise levels int32 [T] for one sequence (0 outside `noisable` [T])."""
+    s = cfg.num_segments
+    # One uniform draw for every choice: far cheaper to compile than several randint calls.
+    u = jax.random.uniform(key, (2 * s + 1,))
+    noisable = noisable.astype(jnp.bool_)
+    n = jnp.sum(noisable, dtype=jnp.int32)
+    rank = jnp.cumsum(noisable, dtype=jnp.int32) - 1  # ordinal among noisable positions
+    prefix = _uniform_int(u[0], 0, jnp.maximum(n, 1))  # clean image tokens, in [0, n)
+    cuts = jnp.sort(_uniform_int(u[1:s], prefix, n + 1))  # s - 1 cut points in [prefix, n]
+    seg = jnp.sum(rank[:, None] >= cuts[None, :], axis=-1)  # segment index 0..s-1
+    seg_levels = jnp.sort(_uniform_int(u[s:2 * s], 1, num_levels + 1))  # non-decreasing
+    level = jnp.where(noisable & (rank >= prefix), seg_levels[seg], 0)
+    clean = u[2 * s] < cfg.clean_prob
+    return jnp.where(clean, 0, level).astype(jnp.int32)
+
+
+def build_training_example(key: jax.Array, ids: jax.Array, image_mask: jax.Array,
+                           table: jax.Array, stats: EmbedStats, noise_cfg: NoiseConfig,
+                           batch_cfg: TrainBatchConfig,
+                           noisable: jax.Array | None = None) -> TrainingExample:
+    """One training sequence. ids int [T]; image_mask bool [T] (image-token positions);
+    table [V, D] the input embedding table; noisable bool [T] (default image_mask)."""
+    k_levels, k_noise = jax.random.split(key)
+    kk = noise_cfg.num_levels
+    t = ids.shape[-1]
+    image_mask = image_mask.astype(jnp.bool_)
+    if noisable is None:
+        noisable = image_mask
+    level = sample_levels(k_levels, noisable, kk, batch_cfg)
+
+    emb = jnp.take(table, ids, axis=0)  # [T, D] clean inputs, exactly E[x]
+    eps = jax.random.normal(k_noise, emb.shape, jnp.float32)
+    z = add_noise(standardize(emb, stats), level, eps, noise_cfg)
+    noisy = unstandardize(z, stats).astype(table.dtype)
+    real = jnp.where((level > 0)[:, None], noisy, emb)
+    inputs = jnp.concatenate([real, timestep_embeddings(kk, stats).astype(table.dtype)], axis=0)
+
+    positions = jnp.concatenate([jnp.arange(t, dtype=jnp.int32),
+                                 jnp.full((kk,), TIMESTEP_POSITION, jnp.int32)])
+    targets = jnp.concatenate([ids[1:].astype(jnp.int32), jnp.zeros((kk + 1,), jnp.int32)])
+    loss_mask = jnp.concatenate([image_mask[1:], jnp.zeros((kk + 1,), jnp.bool_)])
+    return TrainingExample(
+        inputs=inputs,
+        positions=positions,
+        mask=training_mask(level, kk),
+        targets=targets,
+        loss_mask=loss_mask,
+        level=jnp.concatenate([level, timestep_levels(kk)]),
+        is_timestep=jnp.concatenate([jnp.zeros((t,), jnp.bool_), jnp.ones((kk,), jnp.bool_)]),
+    )
+
+
+def build_training_batch(key: jax.Array, ids: jax.Array, image_mask: jax.Array,
+                         table: jax.Array, stats: EmbedStats, noise_cfg: NoiseConfig,
+                         batch_cfg: TrainBatchConfig,
+                         noisable: jax.Array | None = None) -> TrainingExample:
+    """`build_training_example` over a batch: ids, image_mask (and noisable) [B, T]."""
+    keys = jax.random.split(key, ids.shape[0])
+    if noisable is None:
+        noisable = image_mask
+    fn = lambda k, i, m, nz: build_training_example(k, i, m, table, stats, noise_cfg,
+                                                    batch_cfg, nz)
+    return jax.vmap(fn)(keys, ids, image_mask, noisable)
