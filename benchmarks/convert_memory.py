@@ -43,15 +43,27 @@ def synth_config(gb: float) -> dict:
     hidden, inter, vocab, heads = 2048, 5504, 65536, 16
     per_layer = 4 * hidden * hidden + 3 * hidden * inter
     layers = max(1, int((gb * 2**30 / 4 - 2 * vocab * hidden) // per_layer) + 1)
-    return dict(model_type="chameleon", vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
-                num_attention_heads=heads, num_key_value_heads=heads, intermediate_size=inter,
-                rms_norm_eps=1e-5, rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
-                hidden_act="silu", swin_norm=False, tie_word_embeddings=False, max_position_embeddings=4096)
+    return dict(
+        model_type="chameleon",
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        intermediate_size=inter,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
+        hidden_act="silu",
+        swin_norm=False,
+        tie_word_embeddings=False,
+        max_position_embeddings=4096,
+    )
 
 
 def write_source(folder: Path, hf: dict, shard_gb: float = 0.6) -> tuple[int, int]:
-    D, F, V, L, H = (hf[k] for k in ("hidden_size", "intermediate_size", "vocab_size", "num_hidden_layers",
-                                     "num_attention_heads"))
+    D, F, V, L, H = (
+        hf[k] for k in ("hidden_size", "intermediate_size", "vocab_size", "num_hidden_layers", "num_attention_heads")
+    )
     hd = D // H
     shapes = {"model.embed_tokens.weight": (V, D)}
     for i in range(L):
@@ -62,8 +74,9 @@ def write_source(folder: Path, hf: dict, shard_gb: float = 0.6) -> tuple[int, in
         for n in "qk":
             shapes[p + f"self_attn.{n}_norm.weight"] = (H, hd)
             shapes[p + f"self_attn.{n}_norm.bias"] = (H, hd)
-        shapes.update({p + "mlp.gate_proj.weight": (F, D), p + "mlp.up_proj.weight": (F, D),
-                       p + "mlp.down_proj.weight": (D, F)})
+        shapes.update(
+            {p + "mlp.gate_proj.weight": (F, D), p + "mlp.up_proj.weight": (F, D), p + "mlp.down_proj.weight": (D, F)}
+        )
     shapes.update({"model.norm.weight": (D,), "lm_head.weight": (V, D)})
     rng = np.random.default_rng(0)
 
@@ -90,20 +103,30 @@ def main(argv=None) -> int:
         t = time.time()
         total, largest = write_source(src, synth_config(args.gb))
         shards = len(list(src.glob("*.safetensors")))
-        print(f"synthetic checkpoint: {total / 2**30:.2f} GiB in {shards} shards, largest tensor "
-              f"{largest / 2**20:.0f} MiB ({time.time() - t:.0f} s to write)")
+        print(
+            f"synthetic checkpoint: {total / 2**30:.2f} GiB in {shards} shards, largest tensor "
+            f"{largest / 2**20:.0f} MiB ({time.time() - t:.0f} s to write)"
+        )
         r = subprocess.run([sys.executable, "-c", CHILD, str(src), str(out)], capture_output=True, text=True)
         if r.returncode:
             print(r.stderr, file=sys.stderr)
             return 1
         m = json.loads(r.stdout.strip().splitlines()[-1])
         growth = m["peak_rss"] - m["baseline_rss"]
-        res = {"checkpoint_bytes": total, "shards": shards, "largest_tensor_bytes": largest, **m,
-               "peak_minus_baseline": growth, "ratio_to_largest_tensor": growth / largest,
-               "target_met": growth < 2 * largest}
-        print(f"baseline RSS {m['baseline_rss'] / 2**20:.0f} MiB, peak {m['peak_rss'] / 2**20:.0f} MiB, growth "
-              f"{growth / 2**20:.0f} MiB = {growth / largest:.2f} x largest tensor "
-              f"({'meets' if res['target_met'] else 'MISSES'} the < 2x target); import took {m['seconds']:.0f} s")
+        res = {
+            "checkpoint_bytes": total,
+            "shards": shards,
+            "largest_tensor_bytes": largest,
+            **m,
+            "peak_minus_baseline": growth,
+            "ratio_to_largest_tensor": growth / largest,
+            "target_met": growth < 2 * largest,
+        }
+        print(
+            f"baseline RSS {m['baseline_rss'] / 2**20:.0f} MiB, peak {m['peak_rss'] / 2**20:.0f} MiB, growth "
+            f"{growth / 2**20:.0f} MiB = {growth / largest:.2f} x largest tensor "
+            f"({'meets' if res['target_met'] else 'MISSES'} the < 2x target); import took {m['seconds']:.0f} s"
+        )
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(res, indent=2) + "\n")
         return 0 if res["target_met"] else 1

@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sjd2_jax.decode.engine import DecodeSpec, Sampling, decode
 from sjd2_jax.model import transformer as M
 from sjd2_jax.model.cache import KVCache
-from sjd2_jax.decode.engine import DecodeSpec, Sampling, decode
 from sjd2_jax.sjd2.masks import window_masks, window_positions
 from sjd2_jax.sjd2.schedule import NoiseConfig
 
@@ -73,7 +73,9 @@ def engine_overhead(params, cfg, n_tokens=200, window=16, levels=4, batch=1):
     spec1 = DecodeSpec(method="sjd2", window=window, num_tokens=1, noise=NoiseConfig(num_levels=levels))
 
     def prefill_only():  # prompt prefill + one iteration: subtracted so only loop iterations count
-        return decode(params, cfg, spec1, prompts, lens, forced[:1], allowed, knobs, jax.random.key(1)).tokens.block_until_ready()
+        return decode(
+            params, cfg, spec1, prompts, lens, forced[:1], allowed, knobs, jax.random.key(1)
+        ).tokens.block_until_ready()
 
     t_one = _best(prefill_only, repeat=3)
     per_iter = (t_loop - t_one) / max(res["steps"] - 1, 1)
@@ -99,13 +101,16 @@ def ar_vs_transformers(n_tokens=128):
     import torch
 
     from sjd2_jax.io.importer import import_checkpoint
+
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the synthetic checkpoint fixtures
-    from synthetic import make_chameleon_checkpoint
     import sjd2_jax
 
+    from synthetic import make_chameleon_checkpoint
+
     work = Path(tempfile.mkdtemp(prefix="sjd2-bench-"))
-    tm = make_chameleon_checkpoint(work / "src", layout="hf", hidden_size=256, num_heads=4, num_layers=4,
-                                   intermediate_size=1024, vocab_size=1024)
+    tm = make_chameleon_checkpoint(
+        work / "src", layout="hf", hidden_size=256, num_heads=4, num_layers=4, intermediate_size=1024, vocab_size=1024
+    )
     import_checkpoint(work / "src", work / "ours", progress=False)
     model = sjd2_jax.load(work / "ours")
     cfg = model.config
@@ -116,7 +121,12 @@ def ar_vs_transformers(n_tokens=128):
     allowed[image_ids] = False  # HF Chameleon always masks image tokens: do the same to compare tokens
     spec = DecodeSpec(method="ar", num_tokens=n_tokens)
     knobs = Sampling.make(1, temperature=0.0)
-    args = (jnp.asarray(prompt, jnp.int32), jnp.asarray([16]), jnp.full((n_tokens,), -1, jnp.int32), jnp.asarray(allowed))
+    args = (
+        jnp.asarray(prompt, jnp.int32),
+        jnp.asarray([16]),
+        jnp.full((n_tokens,), -1, jnp.int32),
+        jnp.asarray(allowed),
+    )
     ours = {}
 
     def run_ours():
@@ -128,14 +138,24 @@ def ar_vs_transformers(n_tokens=128):
 
     def run_hf():
         with torch.no_grad():
-            out = tm.generate(torch.as_tensor(prompt), max_new_tokens=n_tokens, min_new_tokens=n_tokens,
-                              do_sample=False, pad_token_id=0)
+            out = tm.generate(
+                torch.as_tensor(prompt),
+                max_new_tokens=n_tokens,
+                min_new_tokens=n_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
         theirs["tokens"] = out[:, 16:].numpy()
 
     t_hf = _best(run_hf, repeat=2)
     agree = float((ours["tokens"] == theirs["tokens"]).mean())
-    return {"tokens": n_tokens, "ours_s": t_ours, "transformers_s": t_hf, "speedup": t_hf / t_ours,
-            "token_agreement": agree}
+    return {
+        "tokens": n_tokens,
+        "ours_s": t_ours,
+        "transformers_s": t_hf,
+        "speedup": t_hf / t_ours,
+        "token_agreement": agree,
+    }
 
 
 def main(argv=None) -> int:
@@ -145,8 +165,16 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from sjd2_jax.model.config import ModelConfig
 
-    cfg = ModelConfig(family="chameleon", vocab_size=1024, hidden_size=256, num_layers=4, num_heads=4,
-                      num_kv_heads=4, intermediate_size=1024, qk_norm=True)
+    cfg = ModelConfig(
+        family="chameleon",
+        vocab_size=1024,
+        hidden_size=256,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=4,
+        intermediate_size=1024,
+        qk_norm=True,
+    )
     params = M.init_params(cfg, jax.random.key(0), std=0.05)
     res = {"step_compression": step_compression(params, cfg)}
     print("step compression (tiny random model):", json.dumps(res["step_compression"]))

@@ -38,11 +38,19 @@ def decode_configs(windows) -> dict[str, dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.demo_ablations", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.demo_ablations",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", type=Path, default=sjd2_jax.DEMO_MODEL)
-    p.add_argument("--model-variant", action="append", default=[], metavar="NAME=PATH",
-                   help="another SJD2 fine-tune of the same AR model, decoded with sjd2 (repeatable)")
+    p.add_argument(
+        "--model-variant",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="another SJD2 fine-tune of the same AR model, decoded with sjd2 (repeatable)",
+    )
     p.add_argument("--windows", type=int, nargs="+", default=[32, 64, 96])
     p.add_argument("--per-digit", type=int, default=6)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -56,23 +64,32 @@ def main(argv=None) -> int:
     results = {}
     if not args.only_variants:
         model = sjd2_jax.load(args.model)
-        results.update(evaluate(model, judge, decode_configs(args.windows), args.seeds, args.per_digit,
-                                args.batch_size))
+        results.update(
+            evaluate(model, judge, decode_configs(args.windows), args.seeds, args.per_digit, args.batch_size)
+        )
     for spec in args.model_variant:
         name, _, path = spec.partition("=")
         if not path:
             p.error(f"--model-variant expects NAME=PATH, got {spec!r}")
         variant = sjd2_jax.load(path)
         w = args.windows[0]
-        results.update(evaluate(variant, judge, {f"{name} W={w} stride={s}": {"method": "sjd2", "window": w,
-                                                                               "denoise_stride": s}
-                                                 for s in (1, 2)}, args.seeds, args.per_digit, args.batch_size))
+        results.update(
+            evaluate(
+                variant,
+                judge,
+                {f"{name} W={w} stride={s}": {"method": "sjd2", "window": w, "denoise_stride": s} for s in (1, 2)},
+                args.seeds,
+                args.per_digit,
+                args.batch_size,
+            )
+        )
     print(table(results))
     old = json.loads(args.json.read_text()) if args.json.is_file() else {}
     merged = dict(old.get("configs", {}), **results)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"per_digit": args.per_digit, "seeds": args.seeds, "configs": merged}, indent=2)
-                         + "\n")
+    args.json.write_text(
+        json.dumps({"per_digit": args.per_digit, "seeds": args.seeds, "configs": merged}, indent=2) + "\n"
+    )
     print(f"wrote {args.json} in {time.time() - t0:.0f} s")
     return 0
 

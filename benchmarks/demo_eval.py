@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 import sjd2_jax
+from sjd2_jax.codecs import load_codec
 from sjd2_jax.demo import mnist
-from sjd2_jax.demo.patch_codec import codec_of
 
 METHODS = ("ar", "jacobi", "sjd", "sjd2")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -43,8 +43,9 @@ class DigitClassifier:
     def __init__(self, images: np.ndarray, labels: np.ndarray, seed: int = 0, hidden: int = 128):
         from sklearn.neural_network import MLPClassifier
 
-        self.mlp = MLPClassifier(hidden_layer_sizes=(hidden,), alpha=1e-3, max_iter=200, early_stopping=True,
-                                 random_state=seed)
+        self.mlp = MLPClassifier(
+            hidden_layer_sizes=(hidden,), alpha=1e-3, max_iter=200, early_stopping=True, random_state=seed
+        )
         self.mlp.fit(self._x(images), labels)
 
     @staticmethod
@@ -83,8 +84,10 @@ class Judge:
         self.real_accuracy = float((self.clf.predict(self.held_images) == self.held_labels).mean())
 
     def score(self, images: np.ndarray, digits: np.ndarray) -> dict:
-        return {"accuracy": float((self.clf.predict(images) == digits).mean()),
-                "frechet": frechet_distance(self.clf.features(images), self.ref)}
+        return {
+            "accuracy": float((self.clf.predict(images) == digits).mean()),
+            "frechet": frechet_distance(self.clf.features(images), self.ref),
+        }
 
 
 # ----------------------------------------------------------------------------- generation
@@ -92,8 +95,9 @@ class Judge:
 
 def eval_prompts(per_digit: int) -> tuple[list[str], np.ndarray]:
     digits = np.repeat(np.arange(10), per_digit)
-    prompts = [mnist.caption(int(d), mnist.HELDOUT_TEMPLATES[k % len(mnist.HELDOUT_TEMPLATES)])
-               for k, d in enumerate(digits)]
+    prompts = [
+        mnist.caption(int(d), mnist.HELDOUT_TEMPLATES[k % len(mnist.HELDOUT_TEMPLATES)]) for k, d in enumerate(digits)
+    ]
     return prompts, digits
 
 
@@ -112,22 +116,31 @@ def run_method(model, codec, prompts: list[str], method: str, seed: int, batch_s
         images.append(codec.decode(np.clip(g.codes[: len(chunk)], 0, codec.num_codes - 1)))
         steps.append(g.steps[: len(chunk)])
         tokens = g.plan.num_generated
-    return {"images": np.concatenate(images), "steps": np.concatenate(steps), "tokens": tokens,
-            "seconds_per_image": seconds / (len(batches) * B)}
+    return {
+        "images": np.concatenate(images),
+        "steps": np.concatenate(steps),
+        "tokens": tokens,
+        "seconds_per_image": seconds / (len(batches) * B),
+    }
 
 
 def summarize(res: dict, judge: Judge, digits: np.ndarray) -> dict:
     comp = res["tokens"] / np.maximum(res["steps"], 1)
-    return {"tokens": int(res["tokens"]), "steps_mean": float(res["steps"].mean()),
-            "compression_mean": float(res["tokens"] / res["steps"].mean()),
-            "compression_p10_p50_p90": [float(np.percentile(comp, q)) for q in (10, 50, 90)],
-            "seconds_per_image": res["seconds_per_image"], **judge.score(res["images"], digits)}
+    return {
+        "tokens": int(res["tokens"]),
+        "steps_mean": float(res["steps"].mean()),
+        "compression_mean": float(res["tokens"] / res["steps"].mean()),
+        "compression_p10_p50_p90": [float(np.percentile(comp, q)) for q in (10, 50, 90)],
+        "seconds_per_image": res["seconds_per_image"],
+        **judge.score(res["images"], digits),
+    }
 
 
-def evaluate(model, judge: Judge, configs: dict[str, dict], seeds, per_digit: int, batch_size: int,
-             progress=print) -> dict:
+def evaluate(
+    model, judge: Judge, configs: dict[str, dict], seeds, per_digit: int, batch_size: int, progress=print
+) -> dict:
     """configs: name -> {"method": ..., **options}. Returns name -> {"per_seed": [...], aggregates}."""
-    codec = codec_of(model.path)
+    codec = load_codec(model.path)
     prompts, digits = eval_prompts(per_digit)
     out = {}
     for name, cfg in configs.items():
@@ -137,10 +150,14 @@ def evaluate(model, judge: Judge, configs: dict[str, dict], seeds, per_digit: in
         for seed in seeds:
             r = summarize(run_method(model, codec, prompts, method, seed, batch_size, **opts), judge, digits)
             per_seed.append(dict(r, seed=seed))
-            progress(f"  {name:<24} seed {seed}: compression {r['compression_mean']:.2f}x  "
-                     f"acc {r['accuracy']:.3f}  FD {r['frechet']:.2f}  {r['seconds_per_image'] * 1e3:.1f} ms/img")
-        agg = {k: float(np.mean([r[k] for r in per_seed]))
-               for k in ("compression_mean", "steps_mean", "accuracy", "frechet", "seconds_per_image")}
+            progress(
+                f"  {name:<24} seed {seed}: compression {r['compression_mean']:.2f}x  "
+                f"acc {r['accuracy']:.3f}  FD {r['frechet']:.2f}  {r['seconds_per_image'] * 1e3:.1f} ms/img"
+            )
+        agg = {
+            k: float(np.mean([r[k] for r in per_seed]))
+            for k in ("compression_mean", "steps_mean", "accuracy", "frechet", "seconds_per_image")
+        }
         for k in ("accuracy", "frechet"):
             vals = [r[k] for r in per_seed]
             agg[f"{k}_min"], agg[f"{k}_max"] = float(min(vals)), float(max(vals))
@@ -152,7 +169,7 @@ def evaluate(model, judge: Judge, configs: dict[str, dict], seeds, per_digit: in
 def latency(model, configs: dict[str, dict], n: int = 10, seed: int = 0) -> dict[str, float]:
     """Seconds per image at batch 1 (one prompt per digit, after compilation): the interactive case,
     where a window pass costs about as much as a one-token pass on an accelerator."""
-    codec = codec_of(model.path)
+    codec = load_codec(model.path)
     prompts, _ = eval_prompts(1)
     out = {}
     for name, cfg in configs.items():
@@ -164,8 +181,10 @@ def latency(model, configs: dict[str, dict], n: int = 10, seed: int = 0) -> dict
 
 def table(results: dict, baseline: str = "ar") -> str:
     base = results.get(baseline)
-    head = ("| config | step compression (mean; p10/p50/p90) | steps | accuracy (min-max over seeds) "
-            "| Frechet (min-max) | ms / image | wall-clock vs AR |")
+    head = (
+        "| config | step compression (mean; p10/p50/p90) | steps | accuracy (min-max over seeds) "
+        "| Frechet (min-max) | ms / image | wall-clock vs AR |"
+    )
     with_latency = base is not None and "latency_b1" in base
     if with_latency:
         head += " ms / image, batch 1 | batch-1 wall-clock vs AR |"
@@ -173,12 +192,17 @@ def table(results: dict, baseline: str = "ar") -> str:
     for name, r in results.items():
         p = r["compression_p10_p50_p90"]
         speed = f"{base['seconds_per_image'] / r['seconds_per_image']:.2f}x" if base else "-"
-        lines.append(f"| {name} | {r['compression_mean']:.2f}x ({p[0]:.2f}/{p[1]:.2f}/{p[2]:.2f}) | "
-                     f"{r['steps_mean']:.1f} | {r['accuracy']:.3f} ({r['accuracy_min']:.3f}-{r['accuracy_max']:.3f}) "
-                     f"| {r['frechet']:.2f} ({r['frechet_min']:.2f}-{r['frechet_max']:.2f}) | "
-                     f"{r['seconds_per_image'] * 1e3:.1f} | {speed} |"
-                     + (f" {r['latency_b1'] * 1e3:.1f} | {base['latency_b1'] / r['latency_b1']:.2f}x |"
-                        if with_latency and "latency_b1" in r else ""))
+        lines.append(
+            f"| {name} | {r['compression_mean']:.2f}x ({p[0]:.2f}/{p[1]:.2f}/{p[2]:.2f}) | "
+            f"{r['steps_mean']:.1f} | {r['accuracy']:.3f} ({r['accuracy_min']:.3f}-{r['accuracy_max']:.3f}) "
+            f"| {r['frechet']:.2f} ({r['frechet_min']:.2f}-{r['frechet_max']:.2f}) | "
+            f"{r['seconds_per_image'] * 1e3:.1f} | {speed} |"
+            + (
+                f" {r['latency_b1'] * 1e3:.1f} | {base['latency_b1'] / r['latency_b1']:.2f}x |"
+                if with_latency and "latency_b1" in r
+                else ""
+            )
+        )
     return "\n".join(lines)
 
 
@@ -198,7 +222,7 @@ def trajectory_plot(model, path: Path, prompt: str = "a handwritten 3", seed: in
     numbers = {}
     for col, method in enumerate(("sjd", "sjd2")):
         g = sjd2_jax.generate(model, [prompt], method=method, seed=seed, trace=iterations)
-        final = g.tokens[0, len(g.plan.prefix):]
+        final = g.tokens[0, len(g.plan.prefix) :]
         drafts, done = g.trace_drafts[:, 0], g.trace_done[:, 0]
         T = int(min(iterations, g.steps[0]))
         N = len(final)
@@ -224,8 +248,11 @@ def trajectory_plot(model, path: Path, prompt: str = "a handwritten 3", seed: in
         axes[1, col].set_ylim(0, 1)
         axes[1, col].set_xlabel("iteration")
         axes[1, col].set_ylabel("drafts changed")
-        numbers[method] = {"steps": int(g.steps[0]), "mean_changed_fraction": float(np.nanmean(changed)),
-                           "final_match_fraction": float(np.nanmean(grid))}
+        numbers[method] = {
+            "steps": int(g.steps[0]),
+            "mean_changed_fraction": float(np.nanmean(changed)),
+            "final_match_fraction": float(np.nanmean(grid)),
+        }
     fig.suptitle(f"window trajectories for {prompt!r} (black line: committed tokens)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -235,8 +262,9 @@ def trajectory_plot(model, path: Path, prompt: str = "a handwritten 3", seed: in
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.demo_eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.demo_eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", type=Path, default=sjd2_jax.DEMO_MODEL)
     p.add_argument("--per-digit", type=int, default=20, help="images per digit per method and seed")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -251,7 +279,7 @@ def main(argv=None) -> int:
     model = sjd2_jax.load(args.model)
     judge = Judge()
     print(f"classifier accuracy on held-out real digits: {judge.real_accuracy:.3f}")
-    codec = codec_of(model.path)
+    codec = load_codec(model.path)
     recon = codec.decode(codec.encode(judge.held_images))
     vq_floor = judge.score(recon, judge.held_labels)
     print(f"VQ-reconstructed held-out digits: accuracy {vq_floor['accuracy']:.3f}, Frechet {vq_floor['frechet']:.2f}")
@@ -263,9 +291,16 @@ def main(argv=None) -> int:
     print(table(results))
     traj = trajectory_plot(model, args.plot)
     print(f"trajectory plot -> {args.plot}: {json.dumps(traj)}")
-    report = {"model": str(args.model), "per_digit": args.per_digit, "seeds": args.seeds,
-              "real_heldout_accuracy": judge.real_accuracy, "vq_reconstruction": vq_floor, "methods": results,
-              "trajectory": traj, "seconds": time.time() - t0}
+    report = {
+        "model": str(args.model),
+        "per_digit": args.per_digit,
+        "seeds": args.seeds,
+        "real_heldout_accuracy": judge.real_accuracy,
+        "vq_reconstruction": vq_floor,
+        "methods": results,
+        "trajectory": traj,
+        "seconds": time.time() - t0,
+    }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.json} in {time.time() - t0:.0f} s")

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import sjd2_jax
 from benchmarks.demo_eval import Judge, eval_prompts, frechet_distance, run_method
-from sjd2_jax.demo.patch_codec import codec_of
+from sjd2_jax.codecs import load_codec
 
 
 def main() -> int:
     model = sjd2_jax.load(sjd2_jax.DEMO_MODEL)
-    codec = codec_of(model.path)
+    codec = load_codec(model.path)
     judge = Judge()
     prompts, digits = eval_prompts(50)
     feats = {}

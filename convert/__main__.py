@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -19,11 +18,16 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     imp = sub.add_parser("import", help="source checkpoint folder -> sjd2-jax checkpoint folder")
-    imp.add_argument("src", type=Path, help="folder with config.json and *.safetensors or pytorch_model*.bin "
-                     "(plus index if sharded)")
+    imp.add_argument(
+        "src", type=Path, help="folder with config.json and *.safetensors or pytorch_model*.bin (plus index if sharded)"
+    )
     imp.add_argument("out", type=Path, help="new output folder (must not exist)")
-    imp.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                     help="parameter dtype (default: the source's; float16 sources become float32)")
+    imp.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="parameter dtype (default: the source's; float16 sources become float32)",
+    )
 
     exp = sub.add_parser("export", help="sjd2-jax checkpoint folder -> HF-layout safetensors + config.json")
     exp.add_argument("ckpt", type=Path, help="sjd2-jax checkpoint folder")
@@ -42,9 +46,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args) -> int:
-    from sjd2_jax.io.parity import check, format_report
     from sjd2_jax.io.exporter import export_checkpoint
     from sjd2_jax.io.importer import import_checkpoint
+    from sjd2_jax.io.parity import check, format_report
 
     if args.cmd == "import":
         r = import_checkpoint(args.src, args.out, dtype=args.dtype)
@@ -71,8 +75,8 @@ def _run(args) -> int:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from sjd2_jax.families.mapping import ConversionError
-    from sjd2_jax.io.safetensors_file import FormatError
     from sjd2_jax.io.checkpoint import CheckpointError
+    from sjd2_jax.io.safetensors_file import FormatError
 
     try:
         return _run(args)

@@ -6,7 +6,8 @@
     python -m infer --model CKPT --prompts-file prompts.txt --method sjd --window 16 --batch-size 4
 
 Output folder: one PNG per prompt (000.png, 001.png, ...), grid.png (all images tiled,
-enlarged; with --compare also ar-000.png, ..., grid-ar.png for each other method), and stats.json: a list with one object per image {prompt, method, image, tokens,
+enlarged; with --compare also ar-000.png, ..., grid-ar.png for each other method), and stats.json: a list with one
+object per image {prompt, method, image, tokens,
 steps, seconds, ...}. Everything is written to a temporary sibling folder and moved into
 place at the end; an existing --out is replaced only if it holds an earlier infer output.
 Checkpoints without an image codec (real Lumina-mGPT / Emu3 / Janus-Pro imports keep their
@@ -32,14 +33,26 @@ class InferError(Exception):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m infer", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, default=None,
-                   help="sjd2-jax checkpoint folder (default: the bundled MNIST demo model)")
-    p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
-                   help="a prompt (repeat for several; default: the demo's 10 prompts, one per digit)")
-    p.add_argument("--prompts-file", type=Path, default=None, metavar="FILE",
-                   help="UTF-8 text file, one prompt per line (blank lines and lines starting with # skipped)")
+    p = argparse.ArgumentParser(
+        prog="python -m infer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model", type=Path, default=None, help="sjd2-jax checkpoint folder (default: the bundled MNIST demo model)"
+    )
+    p.add_argument(
+        "--prompt",
+        action="append",
+        default=None,
+        metavar="TEXT",
+        help="a prompt (repeat for several; default: the demo's 10 prompts, one per digit)",
+    )
+    p.add_argument(
+        "--prompts-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="UTF-8 text file, one prompt per line (blank lines and lines starting with # skipped)",
+    )
     p.add_argument("--method", choices=METHODS, default="sjd2", help="decoding method (default sjd2)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--batch-size", type=int, default=10, help="images decoded together (default 10)")
@@ -53,15 +66,29 @@ def _parser() -> argparse.ArgumentParser:
     j = p.add_argument_group("Jacobi window and SJD2 options (default: the checkpoint's)")
     j.add_argument("--window", type=int, default=None, help="window length W (jacobi, sjd, sjd2)")
     j.add_argument("--levels", type=int, default=None, help="SJD2 noise levels K (must match the fine-tune)")
-    j.add_argument("--denoise-stride", type=int, default=None,
-                   help="SJD2 levels per denoise step (exact DDIM jump; positions get clean in K / stride passes)")
-    j.add_argument("--paper-mode", action="store_true",
-                   help="SJD2: accept drafts through noisy positions (the paper's verification; not lossless)")
-    j.add_argument("--e0-hat", choices=["sample", "mean"], default=None,
-                   help="SJD2 denoise target: the sampled token's embedding or the probability-weighted mean")
-    p.add_argument("--compare", action="store_true",
-                   help="also run the other methods on the same prompts and seeds (their files are prefixed "
-                   "with the method name) and print them side by side")
+    j.add_argument(
+        "--denoise-stride",
+        type=int,
+        default=None,
+        help="SJD2 levels per denoise step (exact DDIM jump; positions get clean in K / stride passes)",
+    )
+    j.add_argument(
+        "--paper-mode",
+        action="store_true",
+        help="SJD2: accept drafts through noisy positions (the paper's verification; not lossless)",
+    )
+    j.add_argument(
+        "--e0-hat",
+        choices=["sample", "mean"],
+        default=None,
+        help="SJD2 denoise target: the sampled token's embedding or the probability-weighted mean",
+    )
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="also run the other methods on the same prompts and seeds (their files are prefixed "
+        "with the method name) and print them side by side",
+    )
     p.add_argument("--grid-scale", type=int, default=4, help="enlargement of grid.png (default 4)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -95,8 +122,16 @@ def _check_args(args) -> None:
         raise InferError("--grid-scale must be >= 1")
     if args.window is not None and args.method == "ar":
         raise InferError("--window does not apply to --method ar")
-    sjd2_only = [n for n, v in (("--levels", args.levels), ("--paper-mode", args.paper_mode or None),
-                                ("--e0-hat", args.e0_hat), ("--denoise-stride", args.denoise_stride)) if v is not None]
+    sjd2_only = [
+        n
+        for n, v in (
+            ("--levels", args.levels),
+            ("--paper-mode", args.paper_mode or None),
+            ("--e0-hat", args.e0_hat),
+            ("--denoise-stride", args.denoise_stride),
+        )
+        if v is not None
+    ]
     if sjd2_only and args.method != "sjd2":
         raise InferError(f"{', '.join(sjd2_only)} apply to --method sjd2 only")
 
@@ -122,24 +157,27 @@ def _method_options(args) -> dict:
 
 
 def to_png(pixels, path: Path, scale: int = 1) -> None:
-    """float [H, W] in [0, 1] -> 8-bit grayscale PNG (nearest-neighbour enlargement)."""
+    """float [H, W, 3] in [0, 1] -> 8-bit PNG, grayscale when the three channels agree
+    (nearest-neighbour enlargement by `scale`)."""
     import numpy as np
     from PIL import Image
 
     img = np.clip(np.rint(np.asarray(pixels) * 255.0), 0, 255).astype(np.uint8)
     if scale > 1:
-        img = np.kron(img, np.ones((scale, scale), np.uint8))
-    Image.fromarray(img, mode="L").save(path)
+        img = img.repeat(scale, axis=0).repeat(scale, axis=1)
+    if img.ndim == 3 and (img == img[..., :1]).all():
+        img = img[..., 0]
+    Image.fromarray(img).save(path)
 
 
 def tile(images, cols: int | None = None, pad: int = 1):
-    """float [N, H, W] -> one [rows*(H+pad)+pad, cols*(W+pad)+pad] mosaic with a mid-gray border."""
+    """float [N, H, W, C] -> one [rows*(H+pad)+pad, cols*(W+pad)+pad, C] mosaic with a mid-gray border."""
     import numpy as np
 
-    n, H, W = images.shape
+    n, H, W, C = images.shape
     cols = cols or min(n, 10)
     rows = -(-n // cols)
-    out = np.full((rows * (H + pad) + pad, cols * (W + pad) + pad), 0.5, np.float32)
+    out = np.full((rows * (H + pad) + pad, cols * (W + pad) + pad, C), 0.5, np.float32)
     for i, im in enumerate(images):
         r, c = divmod(i, cols)
         out[pad + r * (H + pad) : pad + r * (H + pad) + H, pad + c * (W + pad) : pad + c * (W + pad) + W] = im
@@ -171,9 +209,9 @@ def run(args, log=print) -> list[dict]:
     from tqdm import tqdm
 
     import sjd2_jax
-    from sjd2_jax.io import checkpoint as ckpt
+    from sjd2_jax.codecs import load_codec
     from sjd2_jax.demo import mnist
-    from sjd2_jax.demo.patch_codec import codec_of
+    from sjd2_jax.io import checkpoint as ckpt
 
     _check_args(args)
     prompts = read_prompts(args)
@@ -183,17 +221,18 @@ def run(args, log=print) -> list[dict]:
             raise InferError("give --prompt or --prompts-file (the default prompts belong to the demo model)")
         prompts = mnist.default_prompts()
     if not (Path(model_dir) / ckpt.CONFIG_FILE).is_file():
-        raise InferError(f"--model {model_dir}: not an sjd2-jax checkpoint folder (no {ckpt.CONFIG_FILE}); "
-                         "import one with `python -m convert import`")
+        raise InferError(
+            f"--model {model_dir}: not an sjd2-jax checkpoint folder (no {ckpt.CONFIG_FILE}); "
+            "import one with `python -m convert import`"
+        )
     _prepare_out(args.out)
     model = sjd2_jax.load(model_dir)
-    codec = codec_of(model_dir)
+    codec = load_codec(model_dir)
     methods = [args.method] + ([m for m in METHODS if m != args.method] if args.compare else [])
     B = min(args.batch_size, len(prompts))
     clock = _CompileClock()
     records = []
-    bar = tqdm(total=len(prompts) * len(methods), desc="images", unit="img", disable=args.no_progress,
-               file=sys.stderr)
+    bar = tqdm(total=len(prompts) * len(methods), desc="images", unit="img", disable=args.no_progress, file=sys.stderr)
     with ckpt.atomic_output_dir(args.out, replace=True) as tmp:  # checked by _prepare_out
         for method in methods:
             bar.set_description(f"{method} images")
@@ -204,26 +243,44 @@ def run(args, log=print) -> list[dict]:
                 chunk = prompts[start : start + B]
                 padded = chunk + [chunk[-1]] * (B - len(chunk))  # one batch shape: one compilation
                 t0, c0 = time.perf_counter(), clock.total
-                g = sjd2_jax.generate(model, padded, method=method, size=args.size, seed=args.seed * 100_003 + b,
-                                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                      cfg_scale=args.cfg_scale, **opts)
+                g = sjd2_jax.generate(
+                    model,
+                    padded,
+                    method=method,
+                    size=args.size,
+                    seed=args.seed * 100_003 + b,
+                    temperature=args.temperature,
+                    top_k=args.top_k,
+                    top_p=args.top_p,
+                    cfg_scale=args.cfg_scale,
+                    **opts,
+                )
                 compile_s = clock.total - c0
                 dt = max(time.perf_counter() - t0 - compile_s, 0.0) / len(padded)
                 for k, prompt in enumerate(chunk):
                     i = start + k
                     if codec is not None:
                         name = f"{prefix}{i:03d}.png"
-                        img = codec.decode(np.clip(g.codes[k], 0, codec.num_codes - 1))
+                        img = codec.decode_codes(np.clip(g.codes[k : k + 1], 0, codec.num_codes - 1))[0]
                         to_png(img, tmp / name)
                         pixels.append(img)
                     else:
                         name = f"{prefix}{i:03d}.npy"
                         np.save(tmp / name, g.codes[k])
-                    records.append({"prompt": prompt, "method": method, "image": name,
-                                    "tokens": int(g.plan.num_generated), "steps": int(g.steps[k]),
-                                    "step_compression": round(float(g.step_compression[k]), 3),
-                                    "seconds": round(dt, 4), "compile_seconds_of_batch": round(compile_s, 2),
-                                    "seed": args.seed, "batch": b})
+                    records.append(
+                        {
+                            "prompt": prompt,
+                            "method": method,
+                            "image": name,
+                            "tokens": int(g.plan.num_generated),
+                            "steps": int(g.steps[k]),
+                            "step_compression": round(float(g.step_compression[k]), 3),
+                            "seconds": round(dt, 4),
+                            "compile_seconds_of_batch": round(compile_s, 2),
+                            "seed": args.seed,
+                            "batch": b,
+                        }
+                    )
                 bar.update(len(chunk))
             if pixels:
                 grid = GRID_FILE if not prefix else f"grid-{method}.png"
@@ -248,15 +305,25 @@ def summary(records: list[dict], out: Path) -> str:
         steps = np.array([r["steps"] for r in rs])
         tokens = np.array([r["tokens"] for r in rs])
         secs = float(np.mean([r["seconds"] for r in rs]))
-        rows.append([method, str(len(rs)), f"{tokens.mean():.0f}", f"{steps.mean():.1f} ({steps.min()}-{steps.max()})",
-                     f"{tokens.sum() / steps.sum():.2f}x", f"{secs:.3f}",
-                     f"{ar_secs / secs:.2f}x" if ar_secs and secs > 0 else "-"])
+        rows.append(
+            [
+                method,
+                str(len(rs)),
+                f"{tokens.mean():.0f}",
+                f"{steps.mean():.1f} ({steps.min()}-{steps.max()})",
+                f"{tokens.sum() / steps.sum():.2f}x",
+                f"{secs:.3f}",
+                f"{ar_secs / secs:.2f}x" if ar_secs and secs > 0 else "-",
+            ]
+        )
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
     lines = [fmt(head), *(fmt(r) for r in rows)]
     kind = GRID_FILE if records[0]["image"].endswith(".png") else "NNN.npy code grids"
-    lines.append(f"step compression = generated tokens / forward passes; s/img excludes compilation. "
-                 f"Output: {out}/ ({STATS_FILE}, {kind})")
+    lines.append(
+        f"step compression = generated tokens / forward passes; s/img excludes compilation. "
+        f"Output: {out}/ ({STATS_FILE}, {kind})"
+    )
     return "\n".join(lines)
 
 

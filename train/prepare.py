@@ -15,7 +15,7 @@ SHOW_SKIPPED = 20  # skipped records described one per line on stderr
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m train.prepare",
-        description="Tokenize a JSONL of {\"caption\": str, \"codes\": [[...], ...]} records (one image-code grid "
+        description='Tokenize a JSONL of {"caption": str, "codes": [[...], ...]} records (one image-code grid '
         "per record) with a converted checkpoint's tokenizer and image layout, into sharded, memory-mappable "
         "training sequences (format: see train/data.py).",
         epilog="Exit status: 0 on success, 2 on a usage error, an unreadable input or checkpoint, or a bad "
@@ -23,17 +23,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("jsonl", type=Path, help="input JSONL, one record per line")
     p.add_argument("out", type=Path, metavar="OUT_DIR", help="new output folder (must not exist)")
-    p.add_argument("--model", type=Path, required=True, metavar="CKPT_DIR",
-                   help="sjd2-jax checkpoint folder (from `python -m convert import`) with tokenizer.json; "
-                   "only its config and tokenizer are read, not its weights")
-    p.add_argument("--shard-size", type=int, default=4096, metavar="N",
-                   help="records per shard file (default 4096)")
-    p.add_argument("--on-error", choices=["reject", "skip"], default="reject",
-                   help="bad records: stop with an error naming the line (reject, default) or skip and "
-                   "count them (skip)")
-    p.add_argument("--seq-len", type=int, default=None, metavar="L",
-                   help="padded sequence length; longer records are bad records (default: the longest "
-                   f"record rounded up to a multiple of {SEQ_LEN_MULTIPLE})")
+    p.add_argument(
+        "--model",
+        type=Path,
+        required=True,
+        metavar="CKPT_DIR",
+        help="sjd2-jax checkpoint folder (from `python -m convert import`) with tokenizer.json; "
+        "only its config and tokenizer are read, not its weights",
+    )
+    p.add_argument("--shard-size", type=int, default=4096, metavar="N", help="records per shard file (default 4096)")
+    p.add_argument(
+        "--on-error",
+        choices=["reject", "skip"],
+        default="reject",
+        help="bad records: stop with an error naming the line (reject, default) or skip and count them (skip)",
+    )
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        metavar="L",
+        help="padded sequence length; longer records are bad records (default: the longest "
+        f"record rounded up to a multiple of {SEQ_LEN_MULTIPLE})",
+    )
     return p
 
 
@@ -47,8 +59,9 @@ def main(argv=None) -> int:
     from sjd2_jax.io.checkpoint import CheckpointError
 
     try:
-        r = prepare(args.jsonl, args.out, args.model, shard_size=args.shard_size, on_error=args.on_error,
-                    seq_len=args.seq_len)
+        r = prepare(
+            args.jsonl, args.out, args.model, shard_size=args.shard_size, on_error=args.on_error, seq_len=args.seq_len
+        )
     except RecordError as e:
         print(f"error: {e}", file=sys.stderr)
         return USAGE_ERRORS
@@ -64,12 +77,17 @@ def main(argv=None) -> int:
     if len(skipped) > SHOW_SKIPPED:
         print(f"... and {len(skipped) - SHOW_SKIPPED} more skipped records", file=sys.stderr)
     if skipped:
-        print(f"skipped {len(skipped)} bad records (lines {_line_list([n for n, _ in skipped])}); "
-              "all listed in index.json \"skipped_lines\"", file=sys.stderr)
+        print(
+            f"skipped {len(skipped)} bad records (lines {_line_list([n for n, _ in skipped])}); "
+            'all listed in index.json "skipped_lines"',
+            file=sys.stderr,
+        )
     p = r["plan"]
-    print(f"prepared {r['num_records']} {r['family']} records ({p['height']}x{p['width']} codes, "
-          f"{p['pixel_height']}x{p['pixel_width']} px) of {r['seq_len']} tokens in {len(r['shards'])} shards "
-          f"-> {args.out}")
+    print(
+        f"prepared {r['num_records']} {r['family']} records ({p['height']}x{p['width']} codes, "
+        f"{p['pixel_height']}x{p['pixel_width']} px) of {r['seq_len']} tokens in {len(r['shards'])} shards "
+        f"-> {args.out}"
+    )
     return 0
 
 

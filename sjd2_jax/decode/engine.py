@@ -33,8 +33,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from sjd2_jax.model import transformer as M
 from sjd2_jax.decode import sampling as S
+from sjd2_jax.model import transformer as M
 from sjd2_jax.model.cache import KVCache
 from sjd2_jax.model.config import ModelConfig
 from sjd2_jax.sjd2.masks import window_masks, window_positions
@@ -56,7 +56,7 @@ class DecodeSpec:
     cfg: bool = False  # run unconditional rows beside the conditional ones
     cfg_mode: str = "logits"  # "logits" | "log_softmax"
     exact: bool = True  # SJD2 exact (lossless) verification; False = paper mode
-    noise: NoiseConfig = NoiseConfig()
+    noise: NoiseConfig = NoiseConfig()  # noqa: RUF009 (frozen, hashable: a shared default is safe)
     trace: int = 0  # record the window drafts of the first `trace` iterations (trajectory plots)
 
     def __post_init__(self):
@@ -90,8 +90,8 @@ class Sampling:
     cfg_scale: jax.Array  # [B]
 
     @classmethod
-    def make(cls, batch, temperature=1.0, top_k=0, top_p=1.0, cfg_scale=1.0) -> "Sampling":
-        f = lambda v, dt: jnp.broadcast_to(jnp.asarray(v, dt), (batch,))  # noqa: E731
+    def make(cls, batch, temperature=1.0, top_k=0, top_p=1.0, cfg_scale=1.0) -> Sampling:
+        f = lambda v, dt: jnp.broadcast_to(jnp.asarray(v, dt), (batch,))
         return cls(f(temperature, jnp.float32), f(top_k, jnp.int32), f(top_p, jnp.float32), f(cfg_scale, jnp.float32))
 
 
@@ -140,8 +140,13 @@ def _fresh(key, spec: DecodeSpec, allowed, shape, V, D):
     k1, k2 = jax.random.split(key)
     if spec.method == "sjd2":  # no draft until the model has predicted the position
         z = jax.random.normal(k2, shape + (D,), jnp.float32)
-        return (jnp.zeros(shape, jnp.int32), jnp.zeros(shape, bool), jnp.zeros(shape + (V,), jnp.float32), z,
-                jnp.full(shape, spec.levels, jnp.int32))
+        return (
+            jnp.zeros(shape, jnp.int32),
+            jnp.zeros(shape, bool),
+            jnp.zeros(shape + (V,), jnp.float32),
+            z,
+            jnp.full(shape, spec.levels, jnp.int32),
+        )
     logits = jnp.where(allowed, 0.0, -jnp.inf)
     tok = jax.random.categorical(k1, jnp.broadcast_to(logits, shape + (V,))).astype(jnp.int32)
     q = jax.nn.one_hot(tok, V, dtype=jnp.float32)
@@ -165,8 +170,18 @@ def _leading_true(x: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "spec"))
-def decode(params, cfg: ModelConfig, spec: DecodeSpec, prompts, prompt_lens, forced, allowed, knobs: Sampling,
-           key, stats: EmbedStats | None = None) -> DecodeResult:
+def decode(
+    params,
+    cfg: ModelConfig,
+    spec: DecodeSpec,
+    prompts,
+    prompt_lens,
+    forced,
+    allowed,
+    knobs: Sampling,
+    key,
+    stats: EmbedStats | None = None,
+) -> DecodeResult:
     """Generate spec.num_tokens tokens per row after each prompt.
 
     prompts: int [R, P] right-padded (R = B, or 2B with CFG: conditional rows first,
@@ -196,10 +211,23 @@ def decode(params, cfg: ModelConfig, spec: DecodeSpec, prompts, prompt_lens, for
     n0 = jnp.zeros((B,), jnp.int32)
     drafts, has_draft, q, z, level = _fresh(k0, spec, allowed, (B, W - 1), V, D)
     drafts, has_draft, q, z, level = _force(spec, forced_ext, n0, drafts, has_draft, q, z, level)
-    state = DecodeState(cache, last_emb, n0, drafts, has_draft, q, z, level, jnp.zeros((B, N + W), jnp.int32),
-                        jnp.zeros((B,), jnp.int32), jnp.zeros((B, N), jnp.int32), jnp.int32(0), key,
-                        jnp.full((max(spec.trace, 1), B, W - 1), -1, jnp.int32),
-                        jnp.full((max(spec.trace, 1), B), N, jnp.int32))
+    state = DecodeState(
+        cache,
+        last_emb,
+        n0,
+        drafts,
+        has_draft,
+        q,
+        z,
+        level,
+        jnp.zeros((B, N + W), jnp.int32),
+        jnp.zeros((B,), jnp.int32),
+        jnp.zeros((B, N), jnp.int32),
+        jnp.int32(0),
+        key,
+        jnp.full((max(spec.trace, 1), B, W - 1), -1, jnp.int32),
+        jnp.full((max(spec.trace, 1), B), N, jnp.int32),
+    )
     ts_emb = timestep_embeddings(K, stats) if K else None
 
     def rep(a):
@@ -245,7 +273,8 @@ def decode(params, cfg: ModelConfig, spec: DecodeSpec, prompts, prompt_lens, for
                 # p_{i-1} is exact only if every input before position i was a clean committed token.
                 clean = s.level == 0
                 inputs_clean_before = jnp.concatenate(
-                    [jnp.ones((B, 1), bool), jnp.cumprod(clean[:, :-1].astype(jnp.int32), 1).astype(bool)], 1)
+                    [jnp.ones((B, 1), bool), jnp.cumprod(clean[:, :-1].astype(jnp.int32), 1).astype(bool)], 1
+                )
                 ok = ok & inputs_clean_before
             a = _leading_true(ok)  # accepted drafts
             a_idx = jnp.clip(a, 0, W - 2)
@@ -323,10 +352,26 @@ def decode(params, cfg: ModelConfig, spec: DecodeSpec, prompts, prompt_lens, for
             t = jnp.minimum(s.it, spec.trace - 1)
             record = s.it < spec.trace  # past the traced iterations, slot t is rewritten unchanged
             trace_drafts = trace_drafts.at[t].set(
-                jnp.where(record, jnp.where(s.has_draft, s.drafts, -1), trace_drafts[t]))
+                jnp.where(record, jnp.where(s.has_draft, s.drafts, -1), trace_drafts[t])
+            )
             trace_done = trace_done.at[t].set(jnp.where(record, s.n_done, trace_done[t]))
-        return DecodeState(cache, last_emb, n_done, drafts, has_draft, q, z, level, out,
-                           s.steps + active.astype(jnp.int32), accepted, s.it + 1, key, trace_drafts, trace_done)
+        return DecodeState(
+            cache,
+            last_emb,
+            n_done,
+            drafts,
+            has_draft,
+            q,
+            z,
+            level,
+            out,
+            s.steps + active.astype(jnp.int32),
+            accepted,
+            s.it + 1,
+            key,
+            trace_drafts,
+            trace_done,
+        )
 
     def running(s: DecodeState):
         return jnp.any(s.n_done < N) & (s.it < N)

@@ -8,16 +8,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sjd2_jax.io import checkpoint as ckpt
-from sjd2_jax.families import layouts as L
 from sjd2_jax.decode.engine import METHODS, DecodeSpec, Sampling, decode, input_table
+from sjd2_jax.families import layouts as L
+from sjd2_jax.io import checkpoint as ckpt
 from sjd2_jax.sjd2.schedule import NoiseConfig
 from sjd2_jax.sjd2.standardize import embedding_stats
 
 DEFAULT_WINDOW = {"ar": 1, "jacobi": 16, "sjd": 16, "sjd2": 32}
-NOISE_OPTIONS = {"levels": "num_levels", "sigma_min": "sigma_min", "sigma_max": "sigma_max", "rho": "rho",
-                 "parametrization": "parametrization", "e0_hat": "e0_hat", "stats": "stats",
-                 "pure_noise_top": "pure_noise_top", "denoise_stride": "denoise_stride"}
+NOISE_OPTIONS = {
+    "levels": "num_levels",
+    "sigma_min": "sigma_min",
+    "sigma_max": "sigma_max",
+    "rho": "rho",
+    "parametrization": "parametrization",
+    "e0_hat": "e0_hat",
+    "stats": "stats",
+    "pure_noise_top": "pure_noise_top",
+    "denoise_stride": "denoise_stride",
+}
 PROMPT_BUCKET = 64  # prompts are padded to a multiple of this, so lengths share compilations
 
 
@@ -45,8 +53,19 @@ def _pad(rows: list[list[int]], length: int) -> np.ndarray:
     return out
 
 
-def generate(model, prompts, *, method: str = "sjd2", size=None, seed: int = 0, temperature=None, top_k=None,
-             top_p=None, cfg_scale=None, **method_options) -> Generation:
+def generate(
+    model,
+    prompts,
+    *,
+    method: str = "sjd2",
+    size=None,
+    seed: int = 0,
+    temperature=None,
+    top_k=None,
+    top_p=None,
+    cfg_scale=None,
+    **method_options,
+) -> Generation:
     """Generate one image's tokens per prompt.
 
     prompts: strings (the family template and the checkpoint's tokenizer are applied) or
@@ -76,17 +95,24 @@ def generate(model, prompts, *, method: str = "sjd2", size=None, seed: int = 0, 
         raise ValueError("no prompts given")
 
     defaults = dict(L.sampling_defaults(plan.family), **saved.get("sampling", {}))
-    pick = lambda v, k: defaults[k] if v is None else v  # noqa: E731
+    pick = lambda v, k: defaults[k] if v is None else v
     temperature, top_k = pick(temperature, "temperature"), pick(top_k, "top_k")
     top_p, cfg_scale = pick(top_p, "top_p"), pick(cfg_scale, "cfg_scale")
     use_cfg = bool(np.any(np.asarray(cfg_scale) != 1.0))
 
     noise_kw = {NOISE_OPTIONS[k]: v for k, v in method_options.items() if k in NOISE_OPTIONS}
     try:
-        spec = DecodeSpec(method=method, window=int(method_options.get("window", DEFAULT_WINDOW[method])),
-                          num_tokens=plan.num_generated, head=plan.head, cfg=use_cfg, cfg_mode=plan.cfg_mode,
-                          exact=bool(method_options.get("exact", True)), noise=NoiseConfig(**noise_kw),
-                          trace=int(method_options.get("trace", 0)))
+        spec = DecodeSpec(
+            method=method,
+            window=int(method_options.get("window", DEFAULT_WINDOW[method])),
+            num_tokens=plan.num_generated,
+            head=plan.head,
+            cfg=use_cfg,
+            cfg_mode=plan.cfg_mode,
+            exact=bool(method_options.get("exact", True)),
+            noise=NoiseConfig(**noise_kw),
+            trace=int(method_options.get("trace", 0)),
+        )
     except TypeError as e:
         raise ValueError(str(e)) from None
 
@@ -95,18 +121,36 @@ def generate(model, prompts, *, method: str = "sjd2", size=None, seed: int = 0, 
     P = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
     need = longest + spec.num_tokens + spec.window + spec.levels
     if need > cfg.max_position_embeddings:
-        raise ValueError(f"prompt of {longest} tokens + {spec.num_tokens} generated + window {spec.window} "
-                         f"+ {spec.levels} timestep tokens = {need} exceeds the model's "
-                         f"max_position_embeddings {cfg.max_position_embeddings}")
+        raise ValueError(
+            f"prompt of {longest} tokens + {spec.num_tokens} generated + window {spec.window} "
+            f"+ {spec.levels} timestep tokens = {need} exceeds the model's "
+            f"max_position_embeddings {cfg.max_position_embeddings}"
+        )
     knobs = Sampling.make(B, temperature, top_k, top_p, cfg_scale)
     stats = None
     if method == "sjd2" and spec.noise.stats == "image":
         stats = embedding_stats(input_table(model.params, cfg, spec.head), jnp.asarray(plan.allowed))
-    r = decode(model.params, cfg, spec, jnp.asarray(_pad(rows, P)), jnp.asarray([len(x) for x in rows], jnp.int32),
-               jnp.asarray(plan.forced), jnp.asarray(plan.allowed), knobs, jax.random.key(seed), stats)
+    r = decode(
+        model.params,
+        cfg,
+        spec,
+        jnp.asarray(_pad(rows, P)),
+        jnp.asarray([len(x) for x in rows], jnp.int32),
+        jnp.asarray(plan.forced),
+        jnp.asarray(plan.allowed),
+        knobs,
+        jax.random.key(seed),
+        stats,
+    )
     gen = np.asarray(r.tokens)
     tokens = np.concatenate([np.broadcast_to(np.asarray(prefix, np.int32), (B, len(prefix))), gen], 1)
-    return Generation(tokens=tokens, codes=plan.tokens_to_codes(gen), steps=np.asarray(r.steps),
-                      accepted=np.asarray(r.accepted), plan=plan, method=method,
-                      trace_drafts=np.asarray(r.trace_drafts) if spec.trace else None,
-                      trace_done=np.asarray(r.trace_done) if spec.trace else None)
+    return Generation(
+        tokens=tokens,
+        codes=plan.tokens_to_codes(gen),
+        steps=np.asarray(r.steps),
+        accepted=np.asarray(r.accepted),
+        plan=plan,
+        method=method,
+        trace_drafts=np.asarray(r.trace_drafts) if spec.trace else None,
+        trace_done=np.asarray(r.trace_done) if spec.trace else None,
+    )

@@ -29,7 +29,7 @@ def guide(cond: jax.Array, uncond: jax.Array, scale: jax.Array, mode: str) -> ja
 def _top_k_top_p(lg, top_k, top_p):
     """Mask logits [B, W, V] outside each row's top-k, then outside its top-p nucleus."""
     V = lg.shape[-1]
-    col = lambda a: a[:, None, None]  # noqa: E731
+    col = lambda a: a[:, None, None]
     srt = -jnp.sort(-lg, axis=-1)  # descending
     k = jnp.clip(top_k, 1, V)
     kth = jnp.take_along_axis(srt, jnp.broadcast_to(col(k - 1), srt.shape[:-1] + (1,)), axis=-1)
@@ -52,7 +52,7 @@ def process(logits, allowed, forced, temperature, top_k, top_p) -> jax.Array:
     top_p [B] (1 = off). Ties at the top-k threshold are all kept.
     """
     V = logits.shape[-1]
-    col = lambda a: a[:, None, None]  # noqa: E731  per-row knob over [B, W, V]
+    col = lambda a: a[:, None, None]
     lg = jnp.where(allowed[None, None, :], logits.astype(jnp.float32), NEG)
     greedy = col(temperature <= 0)
     lg = lg / jnp.where(greedy, 1.0, col(temperature))

@@ -52,8 +52,9 @@ def load_mnist() -> tuple[np.ndarray, np.ndarray]:
     return images, table[:, -1].astype(np.int32)
 
 
-def split(labels: np.ndarray, heldout_per_class: int = HELDOUT_PER_CLASS, seed: int = 0
-          ) -> tuple[np.ndarray, np.ndarray]:
+def split(
+    labels: np.ndarray, heldout_per_class: int = HELDOUT_PER_CLASS, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Stratified (train, held-out) index arrays: `heldout_per_class` digits of each class held out."""
     rng = np.random.default_rng(seed)
     train, held = [], []
@@ -72,7 +73,7 @@ def captions(labels, templates=TRAIN_TEMPLATES, seed: int = 0) -> list[str]:
     """One caption per label, each with a template drawn at random."""
     rng = np.random.default_rng(seed)
     picks = rng.integers(len(templates), size=len(labels))
-    return [caption(int(d), templates[t]) for d, t in zip(labels, picks)]
+    return [caption(int(d), templates[t]) for d, t in zip(labels, picks, strict=True)]
 
 
 def default_prompts() -> list[str]:

@@ -13,7 +13,6 @@ On disk, next to a checkpoint's parameters:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 from pathlib import Path
 
@@ -40,6 +39,28 @@ class PatchCodec:
     @property
     def pixel_size(self) -> tuple[int, int]:
         return self.grid[0] * self.patch_size, self.grid[1] * self.patch_size
+
+    # The `sjd2_jax.codecs.ImageCodec` interface (RGB pixels; this codec is grayscale).
+    @property
+    def pixels_per_code(self) -> int:
+        return self.patch_size
+
+    @property
+    def default_grid(self) -> tuple[int, int]:
+        return self.grid
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return (CODEC_FILE, CODEBOOK_FILE)
+
+    def decode_codes(self, codes) -> np.ndarray:
+        """int [B, h, w] -> float32 [B, H, W, 3] in [0, 1] (three equal channels)."""
+        gray = self.decode(codes)
+        return np.repeat(gray[..., None], 3, axis=-1)
+
+    def encode_images(self, pixels) -> np.ndarray:
+        """float32 [B, H, W, 3] in [0, 1] -> int32 [B, h, w] (channels averaged to gray)."""
+        return self.encode(np.asarray(pixels, np.float32).mean(axis=-1))
 
     def encode(self, images) -> np.ndarray:
         """Images [..., H, W] (uint8 0..255 or float in [0, 1]) -> int32 codes [..., h, w]."""
@@ -69,7 +90,7 @@ class PatchCodec:
         (folder / CODEC_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
-    def load(cls, folder) -> "PatchCodec":
+    def load(cls, folder) -> PatchCodec:
         folder = Path(folder)
         try:
             meta = json.loads((folder / CODEC_FILE).read_text())
@@ -84,17 +105,8 @@ class PatchCodec:
         return cls(book, grid)
 
 
-def codec_of(folder) -> PatchCodec | None:
-    """The checkpoint folder's image codec, or None if it has none (real checkpoints keep their VQ aside).
-    Loaded once per folder and file version (every image_plan asks for it)."""
-    if folder is None or not (Path(folder) / CODEC_FILE).is_file():
-        return None
-    f = Path(folder).resolve()
-    return _load_cached(str(f), (f / CODEC_FILE).stat().st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=8)
-def _load_cached(folder: str, mtime_ns: int) -> PatchCodec:
+def load_codec(folder, meta: dict | None = None) -> PatchCodec:
+    """The `sjd2_jax.codecs` loader for kind "patch_vq"."""
     return PatchCodec.load(folder)
 
 
@@ -122,8 +134,9 @@ def _nearest(x: np.ndarray, centers: np.ndarray, chunk: int = 65536) -> np.ndarr
     return out
 
 
-def fit_patch_codec(images, *, num_codes: int = 256, patch_size: int = 2, iters: int = 25, sample: int = 200_000,
-                    seed: int = 0) -> PatchCodec:
+def fit_patch_codec(
+    images, *, num_codes: int = 256, patch_size: int = 2, iters: int = 25, sample: int = 200_000, seed: int = 0
+) -> PatchCodec:
     """k-means (k-means++ seeding, Lloyd iterations) on a random sample of the images' patches."""
     x = _as_unit(images)
     patches = _patches(x, patch_size)
@@ -142,7 +155,7 @@ def fit_patch_codec(images, *, num_codes: int = 256, patch_size: int = 2, iters:
         centers = np.where(empty[:, None], centers, sums / np.maximum(counts, 1)[:, None])
         if empty.any():  # re-seed dead centers on the worst-fit points
             err = ((flat - centers[assign]) ** 2).sum(1)
-            centers[empty] = flat[np.argsort(err)[-int(empty.sum()):]]
+            centers[empty] = flat[np.argsort(err)[-int(empty.sum()) :]]
     # Order codes by brightness so code ids read naturally (0 = darkest, the background).
     centers = centers[np.argsort(centers.sum(1), kind="stable")]
     book = np.clip(centers, 0.0, 1.0).reshape(num_codes, patch_size, patch_size).astype(np.float32)

@@ -32,12 +32,12 @@ import dataclasses
 import functools
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from sjd2_jax.demo.patch_codec import codec_of
+from sjd2_jax.codecs import load_codec
 
 FAMILIES = ("chameleon", "emu3", "janus")
 
@@ -49,10 +49,17 @@ DEFAULT_SIZE = {"chameleon": 768, "emu3": 720, "janus": 384}
 LUMINA_GRID_CODES = 2
 
 # Token names (model_formats.md sections 4 and 7).
-LUMINA = dict(bos="<s>", sep="<reserved08706>", image_start="<racm3:break>", image_end="<eoss>",
-              eol="<reserved08799>")
-EMU3 = dict(bos="<|extra_203|>", eos="<|extra_204|>", pad="<|endoftext|>", eol="<|extra_200|>",
-            eof="<|extra_201|>", boi="<|image start|>", eoi="<|image end|>", img="<|image token|>")
+LUMINA = dict(bos="<s>", sep="<reserved08706>", image_start="<racm3:break>", image_end="<eoss>", eol="<reserved08799>")
+EMU3 = dict(
+    bos="<|extra_203|>",
+    eos="<|extra_204|>",
+    pad="<|endoftext|>",
+    eol="<|extra_200|>",
+    eof="<|extra_201|>",
+    boi="<|image start|>",
+    eoi="<|image end|>",
+    img="<|image token|>",
+)
 JANUS = dict(bos="<｜begin▁of▁sentence｜>", pad="<｜▁pad▁｜>", boi="<begin_of_image>")
 
 LUMINA_PROMPT = "Generate an image of {width}x{height} according to the following prompt:\n{caption}"
@@ -126,8 +133,9 @@ class ImagePlan:
         if t.shape[-1] == P + N and P:
             t = t[..., P:]
         elif t.shape[-1] != N:
-            raise ValueError(f"expected tokens with last dim {P + N} (prefix + generated) or {N} (generated), "
-                             f"got shape {t.shape}")
+            raise ValueError(
+                f"expected tokens with last dim {P + N} (prefix + generated) or {N} (generated), got shape {t.shape}"
+            )
         free = t[..., self.free]
         ok = (free >= 0) & (free < self.vocab_out)
         codes = np.where(ok, self.code_of_token[np.clip(free, 0, self.vocab_out - 1)], -1)
@@ -176,9 +184,11 @@ def tokenizer_of(model, required: bool = False):
     if path is None or not path.is_file():
         if required:
             where = f"{model.path}" if getattr(model, "path", None) is not None else "the model (no path)"
-            raise ValueError(f"string prompts need the checkpoint's tokenizer, but {where} has no tokenizer.json; "
-                             "copy the release's tokenizer files next to its config.json before `convert import`, "
-                             "or pass token-id lists")
+            raise ValueError(
+                f"string prompts need the checkpoint's tokenizer, but {where} has no tokenizer.json; "
+                "copy the release's tokenizer files next to its config.json before `convert import`, "
+                "or pass token-id lists"
+            )
         return None
     return _load_tokenizer(str(path), path.stat().st_mtime)
 
@@ -196,8 +206,10 @@ def vocabulary(model) -> dict[str, int]:
 def _ids(vocab: dict[str, int], names: dict[str, str], family: str, vocab_size: int) -> dict[str, int]:
     missing = [n for n in names.values() if n not in vocab]
     if missing:
-        raise ValueError(f"{family} checkpoint vocabulary lacks {missing} (looked up by name in the config's "
-                         "vocabulary_map and tokenizer.json)")
+        raise ValueError(
+            f"{family} checkpoint vocabulary lacks {missing} (looked up by name in the config's "
+            "vocabulary_map and tokenizer.json)"
+        )
     out = {k: int(vocab[n]) for k, n in names.items()}
     bad = {names[k]: i for k, i in out.items() if not 0 <= i < vocab_size}
     if bad:
@@ -255,14 +267,15 @@ def _code_tables(vocab: dict[str, int], code_of_name, vocab_size: int, family: s
 def pixels_per_code(model) -> int:
     """Pixels per code of the model's image tokenizer: the checkpoint's own codec if it ships one
     (the bundled demo's 2 px patch VQ), else the family's VQ."""
-    codec = codec_of(getattr(model, "path", None))
-    return codec.patch_size if codec is not None else PIXELS_PER_CODE[_family(model)]
+    codec = load_codec(getattr(model, "path", None))
+    return codec.pixels_per_code if codec is not None else PIXELS_PER_CODE[_family(model)]
 
 
 def default_size(model) -> tuple[int, int]:
-    codec = codec_of(getattr(model, "path", None))
-    if codec is not None:
-        return codec.pixel_size
+    codec = load_codec(getattr(model, "path", None))
+    if codec is not None and codec.default_grid is not None:
+        h, w = codec.default_grid
+        return h * codec.pixels_per_code, w * codec.pixels_per_code
     return DEFAULT_SIZE[_family(model)], DEFAULT_SIZE[_family(model)]
 
 
@@ -282,9 +295,11 @@ def _pixel_size(family: str, size, ppc: int, default: tuple[int, int]) -> tuple[
         raise ValueError(f"size must be positive, got {hw}")
     unit = LUMINA_GRID_CODES * ppc if family == "chameleon" else ppc
     if hw[0] % unit or hw[1] % unit:
-        why = {"chameleon": f"Lumina-mGPT: {ppc} px per code, and its height/width tokens count "
-                            f"{unit}-px units",
-               "emu3": f"Emu3: {ppc} px per code", "janus": f"Janus-Pro: {ppc} px per code"}[family]
+        why = {
+            "chameleon": f"Lumina-mGPT: {ppc} px per code, and its height/width tokens count {unit}-px units",
+            "emu3": f"Emu3: {ppc} px per code",
+            "janus": f"Janus-Pro: {ppc} px per code",
+        }[family]
         raise ValueError(f"image size {hw[0]}x{hw[1]} px is not a multiple of {unit} px ({why})")
     return hw
 
@@ -359,12 +374,26 @@ def _janus_plan(model, size) -> ImagePlan:
         if H != W:
             raise ValueError(f"Janus-Pro generates square images only, got {H}x{W} px")
         if g is not None and H != g * ppc:
-            raise ValueError(f"this Janus-Pro checkpoint generates a fixed {g}x{g} code grid "
-                             f"({g * ppc}x{g * ppc} px), got {H}x{W} px")
+            raise ValueError(
+                f"this Janus-Pro checkpoint generates a fixed {g}x{g} code grid "
+                f"({g * ppc}x{g * ppc} px), got {H}x{W} px"
+            )
     h, w = H // ppc, W // ppc
     ident = np.arange(n_codes, dtype=np.int32)
-    return ImagePlan("janus", h, w, (), np.full(h * w, -1, np.int32), np.ones(n_codes, bool), ident, "gen",
-                     "logits", ident.copy(), (H, W), {})
+    return ImagePlan(
+        "janus",
+        h,
+        w,
+        (),
+        np.full(h * w, -1, np.int32),
+        np.ones(n_codes, bool),
+        ident,
+        "gen",
+        "logits",
+        ident.copy(),
+        (H, W),
+        {},
+    )
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -404,8 +433,9 @@ def _check_ids(ids, V: int, what: str) -> list[int]:
     return out
 
 
-def prompt_ids(model, prompts, plan: ImagePlan, negative_prompt: str | None = None
-               ) -> tuple[list[list[int]], list[list[int]]]:
+def prompt_ids(
+    model, prompts, plan: ImagePlan, negative_prompt: str | None = None
+) -> tuple[list[list[int]], list[list[int]]]:
     """(cond, uncond) token-id lists, one per prompt.
 
     A string is wrapped in the family's template and tokenized with the checkpoint's
@@ -421,8 +451,9 @@ def prompt_ids(model, prompts, plan: ImagePlan, negative_prompt: str | None = No
     if plan.family != family:
         raise ValueError(f"plan is for {plan.family}, model is {family}")
     if negative_prompt is not None and family != "emu3":
-        raise ValueError("negative_prompt is used by Emu3 only (Lumina-mGPT and Janus-Pro have fixed unconditional "
-                         "prompts)")
+        raise ValueError(
+            "negative_prompt is used by Emu3 only (Lumina-mGPT and Janus-Pro have fixed unconditional prompts)"
+        )
     V = int(model.config.vocab_size)
     items = _split_prompts(prompts)
     vocab = vocabulary(model)
@@ -454,12 +485,14 @@ def prompt_ids(model, prompts, plan: ImagePlan, negative_prompt: str | None = No
             else:
                 ids = _check_ids(p, V, f"prompt {k}")
                 if t["boi"] in ids:
-                    tail = ids[len(ids) - 1 - ids[::-1].index(t["boi"]):]
+                    tail = ids[len(ids) - 1 - ids[::-1].index(t["boi"]) :]
                 elif image_prefix is not None:
                     tail = image_prefix
                 else:
-                    raise ValueError(f"prompt {k}: Emu3 token-id prompt has no {EMU3['boi']} and there is no "
-                                     "tokenizer.json to build the unconditional prompt's image prefix")
+                    raise ValueError(
+                        f"prompt {k}: Emu3 token-id prompt has no {EMU3['boi']} and there is no "
+                        "tokenizer.json to build the unconditional prompt's image prefix"
+                    )
             cond.append(ids)
             uncond.append(neg + list(tail))
     else:
@@ -484,8 +517,10 @@ def _janus_pad(model, vocab: dict[str, int], V: int) -> int:
     for sub in (hf.get("text_config"), hf.get("language_config"), hf):
         if isinstance(sub, dict) and isinstance(sub.get("pad_token_id"), int) and 0 <= sub["pad_token_id"] < V:
             return int(sub["pad_token_id"])
-    raise ValueError(f"Janus-Pro unconditional prompt needs the pad token {JANUS['pad']!r}: not in the vocabulary "
-                     "(no tokenizer.json) and no pad_token_id in the config")
+    raise ValueError(
+        f"Janus-Pro unconditional prompt needs the pad token {JANUS['pad']!r}: not in the vocabulary "
+        "(no tokenizer.json) and no pad_token_id in the config"
+    )
 
 
 def sampling_defaults(family) -> dict:

@@ -106,8 +106,13 @@ def _lm_entries(cfg: ModelConfig, src: _LMKeys, hf: _LMKeys) -> list[Entry]:
     out = [Entry(src.embed, ("embed",), hf.embed)]
     for i, layer in enumerate(specs["layers"]):
         for name in layer:
-            out.append(Entry(f"{src.model}layers.{i}.{_LAYER_KEYS[name]}", ("layers", i, name),
-                             f"{hf.model}layers.{i}.{_LAYER_KEYS[name]}"))
+            out.append(
+                Entry(
+                    f"{src.model}layers.{i}.{_LAYER_KEYS[name]}",
+                    ("layers", i, name),
+                    f"{hf.model}layers.{i}.{_LAYER_KEYS[name]}",
+                )
+            )
     out.append(Entry(f"{src.model}norm.weight", ("final_norm",), f"{hf.model}norm.weight"))
     if "lm_head" in specs:
         out.append(Entry(src.lm_head, ("lm_head",), hf.lm_head))
@@ -116,13 +121,15 @@ def _lm_entries(cfg: ModelConfig, src: _LMKeys, hf: _LMKeys) -> list[Entry]:
 
 def _guess(shapes) -> tuple[str, str] | None:
     """(family, key that gave it away) from tensor names alone, for mixed-up-family errors."""
-    for key, fam in (("model.layers.0.self_attn.q_norm.weight", "chameleon"),
-                     ("language_model.model.embed_tokens.weight", "janus"),
-                     ("model.language_model.embed_tokens.weight", "janus"),
-                     ("gen_embed.weight", "janus"),
-                     ("model.generation_embeddings.weight", "janus"),
-                     ("text_model.model.embed_tokens.weight", "emu3"),
-                     ("model.text_model.embed_tokens.weight", "emu3")):
+    for key, fam in (
+        ("model.layers.0.self_attn.q_norm.weight", "chameleon"),
+        ("language_model.model.embed_tokens.weight", "janus"),
+        ("model.language_model.embed_tokens.weight", "janus"),
+        ("gen_embed.weight", "janus"),
+        ("model.generation_embeddings.weight", "janus"),
+        ("text_model.model.embed_tokens.weight", "emu3"),
+        ("model.text_model.embed_tokens.weight", "emu3"),
+    ):
         if key in shapes:
             return fam, key
     return None
@@ -137,11 +144,13 @@ def _mixed_up(model_type, family: str, shapes) -> None:
         )
 
 
-def _llama_config(family: str, t: dict, *, theta: float, eps: float, tie: bool, max_pos: int,
-                  dtype: str, where: str, **extra) -> ModelConfig:
+def _llama_config(
+    family: str, t: dict, *, theta: float, eps: float, tie: bool, max_pos: int, dtype: str, where: str, **extra
+) -> ModelConfig:
     """ModelConfig for a Llama-style text model (no qk-norm) from its config fields `t`."""
-    _require(t, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-             where=where)
+    _require(
+        t, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", where=where
+    )
     if t.get("hidden_act", "silu") != "silu":
         raise ConversionError(f"{where}: hidden_act {t.get('hidden_act')!r} is not supported (only silu)")
     if t.get("attention_bias") or t.get("mlp_bias"):
@@ -187,8 +196,15 @@ def _text_config_out(t: dict, cfg: ModelConfig) -> dict:
     )
     if cfg.head_dim is not None:
         t["head_dim"] = cfg.head_dim
-    for k in ("rope_theta", "rope_scaling", "torch_dtype", "auto_map", "architectures", "transformers_version",
-              "_name_or_path"):
+    for k in (
+        "rope_theta",
+        "rope_scaling",
+        "torch_dtype",
+        "auto_map",
+        "architectures",
+        "transformers_version",
+        "_name_or_path",
+    ):
         t.pop(k, None)
     return t
 
@@ -227,7 +243,8 @@ class Family:
                 return self.layouts[name]
         raise ConversionError(
             f"{self.name} checkpoint without an embedding table under any known name "
-            f"({', '.join(k.embed for k in self._src.values())})")
+            f"({', '.join(k.embed for k in self._src.values())})"
+        )
 
 
 class Chameleon(Family):
@@ -255,23 +272,37 @@ class Chameleon(Family):
             # Lumina-mGPT keeps one q/k-norm row per model-parallel group.
             return self.layouts["lumina"]
         raise ConversionError(
-            f"q_norm shape {list(q_norm)} fits neither the HF nor the Lumina-mGPT layout ({heads} heads)")
+            f"q_norm shape {list(q_norm)} fits neither the HF nor the Lumina-mGPT layout ({heads} heads)"
+        )
 
     def config(self, hf, layout, shapes, dtype):
         # Chameleon is the Llama text config plus per-head q/k LayerNorm (and optional swin_norm).
         groups = shapes["model.layers.0.self_attn.q_norm.weight"][0] if layout.name == "lumina" else None
         return _llama_config(
-            "chameleon", hf, theta=10000.0, eps=1e-5, tie=bool(hf.get("tie_word_embeddings", False)),
-            max_pos=4096, dtype=dtype, where="config.json", qk_norm=True, qk_norm_groups=groups,
-            swin_norm=bool(hf.get("swin_norm", False)))
+            "chameleon",
+            hf,
+            theta=10000.0,
+            eps=1e-5,
+            tie=bool(hf.get("tie_word_embeddings", False)),
+            max_pos=4096,
+            dtype=dtype,
+            where="config.json",
+            qk_norm=True,
+            qk_norm_groups=groups,
+            swin_norm=bool(hf.get("swin_norm", False)),
+        )
 
     def entries(self, cfg, layout):
         return _lm_entries(cfg, self._keys, self._keys)
 
     def export_config(self, hf_source, cfg, dtype, layout):
         out = _text_config_out(hf_source, cfg)
-        out.update(model_type="chameleon", architectures=["ChameleonForConditionalGeneration"],
-                   swin_norm=cfg.swin_norm, dtype=dtype)
+        out.update(
+            model_type="chameleon",
+            architectures=["ChameleonForConditionalGeneration"],
+            swin_norm=cfg.swin_norm,
+            dtype=dtype,
+        )
         return out
 
 
@@ -290,13 +321,18 @@ def emu3_vocabulary_map(vocab_size: int) -> dict[str, int]:
 class Emu3(Family):
     name = "emu3"
     model_types = ("emu3",)
-    _vq_note = ("Emu3 VQ tokenizer tensors ({p}*) kept aside verbatim for the image decoder (a later issue); "
-                "unused by the LM, written back by export")
+    _vq_note = (
+        "Emu3 VQ tokenizer tensors ({p}*) kept aside verbatim for the image decoder (a later issue); "
+        "unused by the LM, written back by export"
+    )
     layouts = {
-        "original": Layout("emu3", "original", (), "LM only (the original VQ is the separate Emu3-VisionTokenizer repo)"),
+        "original": Layout(
+            "emu3", "original", (), "LM only (the original VQ is the separate Emu3-VisionTokenizer repo)"
+        ),
         "hf": Layout("emu3", "hf", ("vqmodel.",), _vq_note.format(p="vqmodel.")),
-        "hf_memory": Layout("emu3", "hf_memory", ("model.vqmodel.",),
-                            _vq_note.format(p="model.vqmodel.") + " as vqmodel.*"),
+        "hf_memory": Layout(
+            "emu3", "hf_memory", ("model.vqmodel.",), _vq_note.format(p="model.vqmodel.") + " as vqmodel.*"
+        ),
     }
     _src = {
         "original": _LMKeys("model.", "lm_head.weight"),
@@ -324,7 +360,7 @@ class Emu3(Family):
 
     def aside_to_hf(self, layout, name):
         if layout.name == "hf_memory" and name.startswith("model.vqmodel."):
-            return name[len("model."):]
+            return name[len("model.") :]
         return name
 
     def export_config(self, hf_source, cfg, dtype, layout):
@@ -334,7 +370,14 @@ class Emu3(Family):
         else:
             # Original flat config -> Emu3Config: text fields move under text_config; the VQ
             # config takes HF's defaults (those of BAAI/Emu3-VisionTokenizer).
-            keep = ("pad_token_id", "bos_token_id", "eos_token_id", "attention_dropout", "hidden_act", "initializer_range")
+            keep = (
+                "pad_token_id",
+                "bos_token_id",
+                "eos_token_id",
+                "attention_dropout",
+                "hidden_act",
+                "initializer_range",
+            )
             t = {k: hf_source[k] for k in keep if k in hf_source}
             t["model_type"] = "emu3_text_model"
             out = {
@@ -342,8 +385,12 @@ class Emu3(Family):
                 "vq_config": {},
                 "vocabulary_map": hf_source.get("vocabulary_map") or emu3_vocabulary_map(cfg.vocab_size),
             }
-        out.update(model_type="emu3", architectures=["Emu3ForConditionalGeneration"],
-                   tie_word_embeddings=cfg.tie_word_embeddings, dtype=dtype)
+        out.update(
+            model_type="emu3",
+            architectures=["Emu3ForConditionalGeneration"],
+            tie_word_embeddings=cfg.tie_word_embeddings,
+            dtype=dtype,
+        )
         for k in ("torch_dtype", "auto_map", "_name_or_path"):
             out.pop(k, None)
         return out
@@ -367,14 +414,20 @@ class Janus(Family):
     model_types = ("janus", "multi_modality")
     layouts = {
         "original": Layout(
-            "janus", "original", ("gen_vision_model.", "vision_model.", "aligner."),
+            "janus",
+            "original",
+            ("gen_vision_model.", "vision_model.", "aligner."),
             "VQ (gen_vision_model.*) and understanding side (vision_model.*, aligner.*) kept aside under their "
             "original names; export leaves them out (the HF layout needs renames and a qkv split for them, "
-            "not done here; transformers then initialises those modules randomly)"),
+            "not done here; transformers then initialises those modules randomly)",
+        ),
         "hf": Layout(
-            "janus", "hf", ("model.vqmodel.", "model.vision_model.", "model.aligner."),
+            "janus",
+            "hf",
+            ("model.vqmodel.", "model.vision_model.", "model.aligner."),
             "VQ (model.vqmodel.*) and understanding side (model.vision_model.*, model.aligner.*; not implemented "
-            "in JAX) kept aside verbatim; unused by the LM, written back by export"),
+            "in JAX) kept aside verbatim; unused by the LM, written back by export",
+        ),
     }
     _src = {
         "original": _LMKeys("language_model.model.", "language_model.lm_head.weight"),
@@ -394,8 +447,10 @@ class Janus(Family):
             E, Vi = vq.get("embed_dim", 8), vq.get("num_embeddings", 16384)
             P = vq.get("projection_dim", 2048)
             if vq.get("num_hidden_layers", 2) != 2:
-                raise ConversionError(f"vq_config.num_hidden_layers {vq.get('num_hidden_layers')} is not supported "
-                                      "(the generation aligner has exactly 2 linear layers)")
+                raise ConversionError(
+                    f"vq_config.num_hidden_layers {vq.get('num_hidden_layers')} is not supported "
+                    "(the generation aligner has exactly 2 linear layers)"
+                )
             if vq.get("hidden_act", "gelu") != "gelu":
                 raise ConversionError(f"vq_config.hidden_act {vq.get('hidden_act')!r} is not supported (only gelu)")
             for k in ("projection_dim", "image_token_embed_dim"):
@@ -418,12 +473,23 @@ class Janus(Family):
             if ga.get("n_embed", D) != D or gh.get("n_embed", D) != D:
                 raise ConversionError(f"gen_aligner/gen_head n_embed differ from language hidden_size {D}")
             if gh.get("image_token_size", Vi) != Vi:
-                raise ConversionError(f"gen_head image_token_size {gh.get('image_token_size')} != "
-                                      f"gen_vision image_token_size {Vi}")
+                raise ConversionError(
+                    f"gen_head image_token_size {gh.get('image_token_size')} != gen_vision image_token_size {Vi}"
+                )
             where = "config.json language_config"
-        return _llama_config("janus", t, theta=1e4, eps=1e-6, tie=tie, max_pos=16384, dtype=dtype, where=where,
-                             image_vocab_size=int(Vi), image_embed_dim=int(E),
-                             image_head_dim=None if P == D else int(P))
+        return _llama_config(
+            "janus",
+            t,
+            theta=1e4,
+            eps=1e-6,
+            tie=tie,
+            max_pos=16384,
+            dtype=dtype,
+            where=where,
+            image_vocab_size=int(Vi),
+            image_embed_dim=int(E),
+            image_head_dim=None if P == D else int(P),
+        )
 
     def entries(self, cfg, layout):
         out = _lm_entries(cfg, self._src[layout.name], self._src["hf"])
@@ -436,8 +502,10 @@ class Janus(Family):
 
     def export_config(self, hf_source, cfg, dtype, layout):
         if cfg.image_head_dim not in (None, cfg.hidden_size):
-            raise ConversionError(f"generation head width {cfg.image_head_dim} != hidden size {cfg.hidden_size}: "
-                                  "not expressible in the HF JanusConfig")
+            raise ConversionError(
+                f"generation head width {cfg.image_head_dim} != hidden size {cfg.hidden_size}: "
+                "not expressible in the HF JanusConfig"
+            )
         if isinstance(hf_source.get("text_config"), dict):
             out = dict(hf_source)
             out["text_config"] = _text_config_out(hf_source["text_config"], cfg)
@@ -456,11 +524,21 @@ class Janus(Family):
                 vision["projection_dim"] = ap["n_embed"]
             out = {"text_config": _text_config_out(t, cfg), "vision_config": vision, "image_token_id": 100581}
             vq = {}
-        vq.update(embed_dim=cfg.image_embed_dim, num_embeddings=cfg.image_vocab_size, projection_dim=cfg.hidden_size,
-                  image_token_embed_dim=cfg.hidden_size, num_hidden_layers=2, hidden_act="gelu")
+        vq.update(
+            embed_dim=cfg.image_embed_dim,
+            num_embeddings=cfg.image_vocab_size,
+            projection_dim=cfg.hidden_size,
+            image_token_embed_dim=cfg.hidden_size,
+            num_hidden_layers=2,
+            hidden_act="gelu",
+        )
         out["vq_config"] = vq
-        out.update(model_type="janus", architectures=["JanusForConditionalGeneration"],
-                   tie_word_embeddings=cfg.tie_word_embeddings, dtype=dtype)
+        out.update(
+            model_type="janus",
+            architectures=["JanusForConditionalGeneration"],
+            tie_word_embeddings=cfg.tie_word_embeddings,
+            dtype=dtype,
+        )
         for k in ("torch_dtype", "_name_or_path"):
             out.pop(k, None)
         return out
@@ -475,7 +553,9 @@ def family_of(hf: dict) -> Family:
     mt = hf.get("model_type")
     fam = _BY_MODEL_TYPE.get(mt.lower() if isinstance(mt, str) else mt)
     if fam is None:
-        raise ConversionError(f"unknown model type {mt!r} in config.json; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        raise ConversionError(
+            f"unknown model type {mt!r} in config.json; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
     return fam
 
 

@@ -19,8 +19,9 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import jax
 import numpy as np
@@ -36,7 +37,6 @@ PARAMS_DIR = "params"
 ASIDE_FILE = "aside.safetensors"
 GENERATION_FILE = "sjd2_generation.json"  # optional generation defaults (see generation_defaults)
 # Files a checkpoint may carry beside its parameters that travel with it through fine-tuning.
-SIDE_FILES = ("image_codec.json", "codebook.npy", GENERATION_FILE)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
 
@@ -65,7 +65,7 @@ def _quiet_orbax():
             warnings.simplefilter("ignore")
             yield
     finally:
-        for lg, lv in zip(loggers, old):
+        for lg, lv in zip(loggers, old, strict=True):
             lg.setLevel(lv)
 
 
@@ -164,7 +164,9 @@ def load_params(ckpt_dir, cfg: ModelConfig | None = None, dtype=None, shardings=
         try:
             saved = ocp1.load_pytree(str(ckpt_dir / PARAMS_DIR), _to_saved_tree(target))
         except Exception as e:  # orbax raises many types; name the folder and the cause
-            raise CheckpointError(f"{ckpt_dir}/{PARAMS_DIR}: cannot restore parameters ({type(e).__name__}: {e})") from e
+            raise CheckpointError(
+                f"{ckpt_dir}/{PARAMS_DIR}: cannot restore parameters ({type(e).__name__}: {e})"
+            ) from e
     return _from_saved_tree(saved, target)
 
 
@@ -208,7 +210,7 @@ def generation_defaults(ckpt_dir) -> dict:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{f}: invalid JSON ({e})") from None
     if not isinstance(d, dict) or not all(isinstance(d.get(k, {}), dict) for k in ("sampling", "methods")):
-        raise CheckpointError(f"{f}: expected {{\"sampling\": {{...}}, \"methods\": {{...}}}}")
+        raise CheckpointError(f'{f}: expected {{"sampling": {{...}}, "methods": {{...}}}}')
     return d
 
 
@@ -224,10 +226,6 @@ def copy_files(src, dst, names) -> list[str]:
             shutil.copy2(Path(src) / name, Path(dst) / name)
             copied.append(name)
     return copied
-
-
-def copy_side_files(src: Path, dst: Path) -> list[str]:
-    return copy_files(src, dst, SIDE_FILES)
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from sjd2_jax.families import mapping as F
+from sjd2_jax.io import checkpoint as ckpt
 from sjd2_jax.io import safetensors_file as st
 from sjd2_jax.io.importer import EXTRA_FILES, NP_DTYPES
-from sjd2_jax.io import checkpoint as ckpt
 
 
 def _get(tree, path):
@@ -39,7 +39,9 @@ def export_checkpoint(ckpt_dir, out, dtype: str | None = None, max_shard_bytes: 
     def produce(entry):
         return F.to_hf(cfg, entry, np.asarray(_get(params, entry.dst)).astype(target))
 
-    pending = [st.PendingTensor(e.hf, F.hf_shape(cfg, e), target, lambda e=e: produce(e)) for e in F.entries(cfg, layout)]
+    pending = [
+        st.PendingTensor(e.hf, F.hf_shape(cfg, e), target, lambda e=e: produce(e)) for e in F.entries(cfg, layout)
+    ]
     aside_file = ckpt_dir / ckpt.ASIDE_FILE
     skipped = 0
     if aside_file.is_file():
@@ -58,5 +60,12 @@ def export_checkpoint(ckpt_dir, out, dtype: str | None = None, max_shard_bytes: 
         for name in EXTRA_FILES:
             if (ckpt_dir / name).is_file():
                 shutil.copy2(ckpt_dir / name, tmp / name)
-    return {"files": files, "tensors": len(pending), "dtype": dtype, "tokenizer_files": copied, "out": str(out),
-            "skipped_aside": skipped, "aside_note": layout.note}
+    return {
+        "files": files,
+        "tensors": len(pending),
+        "dtype": dtype,
+        "tokenizer_files": copied,
+        "out": str(out),
+        "skipped_aside": skipped,
+        "aside_note": layout.note,
+    }

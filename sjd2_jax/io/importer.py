@@ -15,9 +15,9 @@ import numpy as np
 from tqdm import tqdm
 
 from sjd2_jax.families import mapping as F
+from sjd2_jax.io import checkpoint as ckpt
 from sjd2_jax.io import safetensors_file as st
 from sjd2_jax.io import torch_bin as tb
-from sjd2_jax.io import checkpoint as ckpt
 
 EXTRA_FILES = ("generation_config.json",)
 NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -51,7 +51,7 @@ def scan_source(src: Path) -> list:
         raise F.ConversionError(str(e)) from None
 
 
-def read_source_tensor(info, reader: "tb.Reader | None" = None) -> np.ndarray:
+def read_source_tensor(info, reader: tb.Reader | None = None) -> np.ndarray:
     try:
         if isinstance(info, tb.TensorInfo):
             return (reader or tb.Reader()).read(info)
@@ -126,8 +126,10 @@ def import_checkpoint(src, out, dtype: str | None = None, progress: bool = True)
         n = ckpt.write_params_streaming(tmp / ckpt.PARAMS_DIR, tensors())
         if aside:
             # Kept verbatim (same names, same dtype) so export can hand them back.
-            pend = [st.PendingTensor(i.name, i.shape, st.DTYPES[i.dtype], lambda i=i: read_source_tensor(i, reader))
-                    for i in aside]
+            pend = [
+                st.PendingTensor(i.name, i.shape, st.DTYPES[i.dtype], lambda i=i: read_source_tensor(i, reader))
+                for i in aside
+            ]
             st.write_file(tmp / ckpt.ASIDE_FILE, pend)
         reader.close()
         source = {
@@ -146,6 +148,14 @@ def import_checkpoint(src, out, dtype: str | None = None, progress: bool = True)
         for name in EXTRA_FILES:
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
-    return {"family": layout.family, "layout": layout.name, "dtype": cfg.dtype, "tensors": n,
-            "aside_tensors": len(aside), "aside_note": layout.note, "source_dtypes": src_dtypes,
-            "tokenizer_files": copied, "out": str(out)}
+    return {
+        "family": layout.family,
+        "layout": layout.name,
+        "dtype": cfg.dtype,
+        "tensors": n,
+        "aside_tensors": len(aside),
+        "aside_note": layout.note,
+        "source_dtypes": src_dtypes,
+        "tokenizer_files": copied,
+        "out": str(out),
+    }

@@ -48,7 +48,7 @@ def reference_model(src: Path):
         elif ".k_norm." in k:
             v = v.repeat_interleave(KV // v.shape[0], dim=0)
         state[k] = v
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=True)
     lm_missing = [k for k in missing if not k.startswith("model.vqmodel.")]
     if lm_missing or unexpected:
         raise F.ConversionError(f"reference model: missing {lm_missing[:8]}, unexpected {unexpected[:8]}")
@@ -103,18 +103,30 @@ def _janus_reference(src: Path, hf: dict):
     D = cfg.hidden_size
     jc = JanusConfig(
         text_config=text,
-        vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=16,
-                           projection_dim=D),
-        vq_config=dict(embed_dim=cfg.image_embed_dim, num_embeddings=cfg.image_vocab_size, latent_channels=8,
-                       base_channels=32, channel_multiplier=[1, 1], projection_dim=D, image_token_embed_dim=D),
+        vision_config=dict(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=16, projection_dim=D
+        ),
+        vq_config=dict(
+            embed_dim=cfg.image_embed_dim,
+            num_embeddings=cfg.image_vocab_size,
+            latent_channels=8,
+            base_channels=32,
+            channel_multiplier=[1, 1],
+            projection_dim=D,
+            image_token_embed_dim=D,
+        ),
         tie_word_embeddings=cfg.tie_word_embeddings,
     )
     model = JanusForConditionalGeneration(jc).float().eval()
     state = _load_state(src)
     renamed = {e.hf: state[e.src] for e in ours.entries(cfg, layout)}
-    missing, unexpected = model.load_state_dict(renamed, strict=False)
-    bad = [k for k in missing if not k.startswith(("model.vqmodel.", "model.vision_model.", "model.aligner."))
-           and not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
+    missing, unexpected = model.load_state_dict(renamed, strict=True)
+    bad = [
+        k
+        for k in missing
+        if not k.startswith(("model.vqmodel.", "model.vision_model.", "model.aligner."))
+        and not (k == "lm_head.weight" and cfg.tie_word_embeddings)
+    ]
     if bad or unexpected:
         raise F.ConversionError(f"reference model: missing {bad[:8]}, unexpected {unexpected[:8]}")
     return model

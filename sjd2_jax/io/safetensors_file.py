@@ -12,8 +12,8 @@ import dataclasses
 import json
 import os
 import struct
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import ml_dtypes
 import numpy as np
@@ -113,7 +113,11 @@ def write_file(path: Path, tensors: list[PendingTensor], metadata: dict | None =
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     offset = 0
     for t in tensors:
-        header[t.name] = {"dtype": NAMES[np.dtype(t.dtype)], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        header[t.name] = {
+            "dtype": NAMES[np.dtype(t.dtype)],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the spec aligns the data block to 8 bytes
@@ -147,7 +151,7 @@ def write_sharded(
         return ["model.safetensors"]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
-    for name, shard in zip(names, shards):
+    for name, shard in zip(names, shards, strict=True):
         write_file(out_dir / name, shard, metadata)
         weight_map.update({t.name: name for t in shard})
     index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
@@ -190,7 +194,10 @@ def scan_folder(src: Path) -> list[TensorInfo]:
         wrong = sorted(k for k, f in weight_map.items() if k not in seen or seen[k].file.name != f)
         unlisted = sorted(set(seen) - set(weight_map))
         if wrong or unlisted:
-            raise FormatError(f"{index} disagrees with the shards: listed but not found {wrong[:10]}, found but not listed {unlisted[:10]}")
+            raise FormatError(
+                f"{index} disagrees with the shards: listed but not found {wrong[:10]}, "
+                f"found but not listed {unlisted[:10]}"
+            )
     return list(seen.values())
 
 

@@ -46,15 +46,26 @@ def _torch():
     try:
         import torch
     except ImportError:
-        raise BinError("reading pytorch_model*.bin needs torch (pip install torch); safetensors sources do not") from None
+        raise BinError(
+            "reading pytorch_model*.bin needs torch (pip install torch); safetensors sources do not"
+        ) from None
     return torch
 
 
 def _dtype_name(t) -> str:
     torch = _torch()
-    names = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
-             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-             torch.bool: "BOOL"}
+    names = {
+        torch.float32: "F32",
+        torch.bfloat16: "BF16",
+        torch.float16: "F16",
+        torch.float64: "F64",
+        torch.int64: "I64",
+        torch.int32: "I32",
+        torch.int16: "I16",
+        torch.int8: "I8",
+        torch.uint8: "U8",
+        torch.bool: "BOOL",
+    }
     if t.dtype not in names:
         raise BinError(f"unsupported tensor dtype {t.dtype}")
     return names[t.dtype]
@@ -74,10 +85,14 @@ def _load(path: Path) -> dict:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BinError(f"{path}: cannot be read as a PyTorch state dict ({type(e).__name__}: {msg[:200]})") from None
     if not isinstance(sd, dict) or not sd:
-        raise BinError(f"{path}: not a state dict (found {type(sd).__name__}{' (empty)' if isinstance(sd, dict) else ''})")
+        raise BinError(
+            f"{path}: not a state dict (found {type(sd).__name__}{' (empty)' if isinstance(sd, dict) else ''})"
+        )
     bad = [k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
-        raise BinError(f"{path}: not a state dict of tensors (entries {[str(b) for b in bad[:5]]} are not name -> tensor)")
+        raise BinError(
+            f"{path}: not a state dict of tensors (entries {[str(b) for b in bad[:5]]} are not name -> tensor)"
+        )
     return sd
 
 
@@ -119,7 +134,10 @@ def scan_folder(src: Path) -> list[TensorInfo]:
         wrong = sorted(k for k, f in weight_map.items() if k not in seen or seen[k].file.name != f)
         unlisted = sorted(set(seen) - set(weight_map))
         if wrong or unlisted:
-            raise BinError(f"{index} disagrees with the shards: listed but not found {wrong[:10]}, found but not listed {unlisted[:10]}")
+            raise BinError(
+                f"{index} disagrees with the shards: listed but not found {wrong[:10]}, "
+                f"found but not listed {unlisted[:10]}"
+            )
     return list(seen.values())
 
 

@@ -27,16 +27,16 @@ class KVCache:
         return self.k.shape[3]
 
     @classmethod
-    def create(cls, cfg: ModelConfig, batch: int, capacity: int, dtype=None) -> "KVCache":
+    def create(cls, cfg: ModelConfig, batch: int, capacity: int, dtype=None) -> KVCache:
         dtype = dtype or cfg.jnp_dtype
         shape = (cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.hd)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32))
 
-    def advance(self, n) -> "KVCache":
+    def advance(self, n) -> KVCache:
         """Commit n (scalar or int [B]) more entries per row."""
         return self.replace(lengths=self.lengths + jnp.asarray(n, jnp.int32))
 
-    def with_lengths(self, lengths) -> "KVCache":
+    def with_lengths(self, lengths) -> KVCache:
         return self.replace(lengths=jnp.asarray(lengths, jnp.int32))
 
 

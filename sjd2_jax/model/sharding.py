@@ -59,7 +59,7 @@ def make_mesh(sizes: dict[str, int], devices=None) -> Mesh:
 def spec_for(shape, axes, mesh: Mesh, notes: list | None = None) -> PartitionSpec:
     """PartitionSpec for one array from its logical axes; refuses two dims on one mesh axis."""
     out, used = [], set()
-    for dim, logical in zip(shape, axes):
+    for dim, logical in zip(shape, axes, strict=True):
         target = RULES.get(logical)
         names = (target,) if isinstance(target, str) else tuple(target or ())
         if any(n in used for n in names):
@@ -76,8 +76,9 @@ def spec_for(shape, axes, mesh: Mesh, notes: list | None = None) -> PartitionSpe
 
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh, notes: list | None = None):
-    return jax.tree.map(lambda s: NamedSharding(mesh, spec_for(s.shape, s.axes, mesh, notes)),
-                        M.param_specs(cfg), is_leaf=M.is_spec)
+    return jax.tree.map(
+        lambda s: NamedSharding(mesh, spec_for(s.shape, s.axes, mesh, notes)), M.param_specs(cfg), is_leaf=M.is_spec
+    )
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

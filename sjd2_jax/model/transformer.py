@@ -116,7 +116,7 @@ def init_params(cfg: ModelConfig, key: jax.Array, std: float = 0.02) -> Params:
             return (0.1 * noise).astype(dtype)
         return (std * noise).astype(dtype)
 
-    return jax.tree.unflatten(treedef, [make(s, k) for s, k in zip(leaves, keys)])
+    return jax.tree.unflatten(treedef, [make(s, k) for s, k in zip(leaves, keys, strict=True)])
 
 
 # ----------------------------------------------------------------------------- blocks

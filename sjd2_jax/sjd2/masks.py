@@ -50,12 +50,21 @@ def build_mask(spec: MaskSpec) -> jax.Array:
     idx = jnp.arange(t, dtype=jnp.int32)
     q = lambda a: a[..., :, None]
     k = lambda a: a[..., None, :]
-    return attend(q(spec.level), q(spec.is_timestep), q(spec.segment), idx[:, None],
-                  k(spec.level), k(spec.is_timestep), k(spec.segment), idx[None, :])
+    return attend(
+        q(spec.level),
+        q(spec.is_timestep),
+        q(spec.segment),
+        idx[:, None],
+        k(spec.level),
+        k(spec.is_timestep),
+        k(spec.segment),
+        idx[None, :],
+    )
 
 
-def with_timesteps(level: jax.Array, num_levels: int,
-                   segment: jax.Array | None = None, timestep_segment: int = 0) -> MaskSpec:
+def with_timesteps(
+    level: jax.Array, num_levels: int, segment: jax.Array | None = None, timestep_segment: int = 0
+) -> MaskSpec:
     """MaskSpec of real tokens `level` [..., T] followed by the K timestep tokens (levels 1..K).
 
     segment: int [..., T] (default all 0); the timestep tokens get `timestep_segment`.
@@ -67,16 +76,16 @@ def with_timesteps(level: jax.Array, num_levels: int,
     ts_level = jnp.broadcast_to(timestep_levels(num_levels), batch + (num_levels,))
     return MaskSpec(
         level=jnp.concatenate([level, ts_level], axis=-1),
-        is_timestep=jnp.concatenate([jnp.zeros(level.shape, jnp.bool_),
-                                     jnp.ones(batch + (num_levels,), jnp.bool_)], axis=-1),
-        segment=jnp.concatenate([jnp.asarray(segment, jnp.int32),
-                                 jnp.full(batch + (num_levels,), timestep_segment, jnp.int32)],
-                                axis=-1),
+        is_timestep=jnp.concatenate(
+            [jnp.zeros(level.shape, jnp.bool_), jnp.ones(batch + (num_levels,), jnp.bool_)], axis=-1
+        ),
+        segment=jnp.concatenate(
+            [jnp.asarray(segment, jnp.int32), jnp.full(batch + (num_levels,), timestep_segment, jnp.int32)], axis=-1
+        ),
     )
 
 
-def training_mask(level: jax.Array, num_levels: int,
-                  segment: jax.Array | None = None) -> jax.Array:
+def training_mask(level: jax.Array, num_levels: int, segment: jax.Array | None = None) -> jax.Array:
     """Training mask [..., T + K, T + K] for real-token levels [..., T]."""
     return build_mask(with_timesteps(level, num_levels, segment))
 

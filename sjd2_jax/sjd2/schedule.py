@@ -65,8 +65,7 @@ class NoiseConfig:
         if self.num_levels < 1:
             raise ValueError(f"num_levels must be >= 1, got {self.num_levels}")
         if not 0.0 < self.sigma_min < self.sigma_max < math.inf:
-            raise ValueError(
-                f"need 0 < sigma_min < sigma_max < inf, got {self.sigma_min}, {self.sigma_max}")
+            raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got {self.sigma_min}, {self.sigma_max}")
         if self.rho <= 0:
             raise ValueError(f"rho must be > 0, got {self.rho}")
         if self.parametrization not in PARAMETRIZATIONS:
@@ -144,8 +143,7 @@ def add_noise(e0: jax.Array, level: jax.Array, noise: jax.Array, cfg: NoiseConfi
     return a * e0.astype(jnp.float32) + s * noise.astype(jnp.float32)
 
 
-def denoise_step(z: jax.Array, level: jax.Array, e0_hat: jax.Array,
-                 cfg: NoiseConfig) -> tuple[jax.Array, jax.Array]:
+def denoise_step(z: jax.Array, level: jax.Array, e0_hat: jax.Array, cfg: NoiseConfig) -> tuple[jax.Array, jax.Array]:
     """One deterministic DDIM step from `level` to `level - cfg.denoise_stride` (floored at 0).
 
     z, e0_hat: [..., D] standardized; level: int [...]. Returns (z_new, new_level).
@@ -159,8 +157,7 @@ def denoise_step(z: jax.Array, level: jax.Array, e0_hat: jax.Array,
     return z_new, jnp.maximum(level - cfg.denoise_stride, 0)
 
 
-def stats_for_config(cfg: NoiseConfig, table: jax.Array,
-                     image_rows: jax.Array | None = None) -> EmbedStats:
+def stats_for_config(cfg: NoiseConfig, table: jax.Array, image_rows: jax.Array | None = None) -> EmbedStats:
     """Embedding statistics per `cfg.stats`: all rows, or only `image_rows` (bool [V]) for "image"."""
     if cfg.stats == "all":
         return embedding_stats(table)
@@ -169,8 +166,14 @@ def stats_for_config(cfg: NoiseConfig, table: jax.Array,
     return embedding_stats(table, image_rows)
 
 
-def predict_e0(cfg: NoiseConfig, table: jax.Array, stats: EmbedStats, *,
-               tokens: jax.Array | None = None, probs: jax.Array | None = None) -> jax.Array:
+def predict_e0(
+    cfg: NoiseConfig,
+    table: jax.Array,
+    stats: EmbedStats,
+    *,
+    tokens: jax.Array | None = None,
+    probs: jax.Array | None = None,
+) -> jax.Array:
     """e0_hat per `cfg.e0_hat`: the sampled token's standardized embedding
     (tokens [...], mode "sample") or the probability-weighted mean (probs [..., V], "mean")."""
     if cfg.e0_hat == "sample":

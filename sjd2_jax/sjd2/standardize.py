@@ -79,6 +79,5 @@ def mean_clean_point(table: jax.Array, probs: jax.Array, stats: EmbedStats) -> j
     exactly normalized.
     """
     p = probs.astype(jnp.float32)
-    pe = jnp.einsum("...v,vd->...d", p, table.astype(jnp.float32),
-                    precision=jax.lax.Precision.HIGHEST)
+    pe = jnp.einsum("...v,vd->...d", p, table.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
     return (pe - stats.mean * jnp.sum(p, axis=-1, keepdims=True)) / stats.std

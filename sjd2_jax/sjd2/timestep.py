@@ -41,8 +41,7 @@ def sinusoid(level: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Ar
     return enc
 
 
-def timestep_embedding(level: jax.Array, stats: EmbedStats,
-                       max_period: float = 10_000.0) -> jax.Array:
+def timestep_embedding(level: jax.Array, stats: EmbedStats, max_period: float = 10_000.0) -> jax.Array:
     """Input embedding of timestep tokens for levels [...] -> float32 [..., D]."""
     return unstandardize(sinusoid(level, stats.mean.shape[-1], max_period), stats)
 
@@ -52,7 +51,6 @@ def timestep_levels(num_levels: int) -> jax.Array:
     return jnp.arange(1, num_levels + 1, dtype=jnp.int32)
 
 
-def timestep_embeddings(num_levels: int, stats: EmbedStats,
-                        max_period: float = 10_000.0) -> jax.Array:
+def timestep_embeddings(num_levels: int, stats: EmbedStats, max_period: float = 10_000.0) -> jax.Array:
     """Embeddings of all K timestep tokens, float32 [K, D] (row k-1 is level k)."""
     return timestep_embedding(timestep_levels(num_levels), stats, max_period)

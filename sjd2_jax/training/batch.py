@@ -63,8 +63,7 @@ def _uniform_int(u: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
     return jnp.minimum(lo + jnp.floor(u * (hi - lo)).astype(jnp.int32), hi - 1)
 
 
-def sample_levels(key: jax.Array, noisable: jax.Array, num_levels: int,
-                  cfg: TrainBatchConfig) -> jax.Array:
+def sample_levels(key: jax.Array, noisable: jax.Array, num_levels: int, cfg: TrainBatchConfig) -> jax.Array:
     """Per-position noise levels int32 [T] for one sequence (0 outside `noisable` [T])."""
     s = cfg.num_segments
     # One uniform draw for every choice: far cheaper to compile than several randint calls.
@@ -75,16 +74,22 @@ def sample_levels(key: jax.Array, noisable: jax.Array, num_levels: int,
     prefix = _uniform_int(u[0], 0, jnp.maximum(n, 1))  # clean image tokens, in [0, n)
     cuts = jnp.sort(_uniform_int(u[1:s], prefix, n + 1))  # s - 1 cut points in [prefix, n]
     seg = jnp.sum(rank[:, None] >= cuts[None, :], axis=-1)  # segment index 0..s-1
-    seg_levels = jnp.sort(_uniform_int(u[s:2 * s], 1, num_levels + 1))  # non-decreasing
+    seg_levels = jnp.sort(_uniform_int(u[s : 2 * s], 1, num_levels + 1))  # non-decreasing
     level = jnp.where(noisable & (rank >= prefix), seg_levels[seg], 0)
     clean = u[2 * s] < cfg.clean_prob
     return jnp.where(clean, 0, level).astype(jnp.int32)
 
 
-def build_training_example(key: jax.Array, ids: jax.Array, image_mask: jax.Array,
-                           table: jax.Array, stats: EmbedStats, noise_cfg: NoiseConfig,
-                           batch_cfg: TrainBatchConfig,
-                           noisable: jax.Array | None = None) -> TrainingExample:
+def build_training_example(
+    key: jax.Array,
+    ids: jax.Array,
+    image_mask: jax.Array,
+    table: jax.Array,
+    stats: EmbedStats,
+    noise_cfg: NoiseConfig,
+    batch_cfg: TrainBatchConfig,
+    noisable: jax.Array | None = None,
+) -> TrainingExample:
     """One training sequence. ids int [T]; image_mask bool [T] (image-token positions);
     table [V, D] the input embedding table; noisable bool [T] (default image_mask)."""
     k_levels, k_noise = jax.random.split(key)
@@ -102,8 +107,7 @@ def build_training_example(key: jax.Array, ids: jax.Array, image_mask: jax.Array
     real = jnp.where((level > 0)[:, None], noisy, emb)
     inputs = jnp.concatenate([real, timestep_embeddings(kk, stats).astype(table.dtype)], axis=0)
 
-    positions = jnp.concatenate([jnp.arange(t, dtype=jnp.int32),
-                                 jnp.full((kk,), TIMESTEP_POSITION, jnp.int32)])
+    positions = jnp.concatenate([jnp.arange(t, dtype=jnp.int32), jnp.full((kk,), TIMESTEP_POSITION, jnp.int32)])
     targets = jnp.concatenate([ids[1:].astype(jnp.int32), jnp.zeros((kk + 1,), jnp.int32)])
     loss_mask = jnp.concatenate([image_mask[1:], jnp.zeros((kk + 1,), jnp.bool_)])
     return TrainingExample(
@@ -117,14 +121,19 @@ def build_training_example(key: jax.Array, ids: jax.Array, image_mask: jax.Array
     )
 
 
-def build_training_batch(key: jax.Array, ids: jax.Array, image_mask: jax.Array,
-                         table: jax.Array, stats: EmbedStats, noise_cfg: NoiseConfig,
-                         batch_cfg: TrainBatchConfig,
-                         noisable: jax.Array | None = None) -> TrainingExample:
+def build_training_batch(
+    key: jax.Array,
+    ids: jax.Array,
+    image_mask: jax.Array,
+    table: jax.Array,
+    stats: EmbedStats,
+    noise_cfg: NoiseConfig,
+    batch_cfg: TrainBatchConfig,
+    noisable: jax.Array | None = None,
+) -> TrainingExample:
     """`build_training_example` over a batch: ids, image_mask (and noisable) [B, T]."""
     keys = jax.random.split(key, ids.shape[0])
     if noisable is None:
         noisable = image_mask
-    fn = lambda k, i, m, nz: build_training_example(k, i, m, table, stats, noise_cfg,
-                                                    batch_cfg, nz)
+    fn = lambda k, i, m, nz: build_training_example(k, i, m, table, stats, noise_cfg, batch_cfg, nz)
     return jax.vmap(fn)(keys, ids, image_mask, noisable)

@@ -55,8 +55,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -130,9 +130,16 @@ class DatasetWriter:
     def close(self, meta: dict | None = None) -> dict:
         """Flush the last shard and write index.json (meta adds family, plan, model, ...). Returns the index."""
         self._flush()
-        index = {"format": FORMAT, "version": VERSION, **(meta or {}), "seq_len": self.seq_len,
-                 "num_records": self.num_records, "pad_id": PAD_ID,
-                 "kinds": {str(k): v for k, v in KIND_NAMES.items()}, "shards": self.shards}
+        index = {
+            "format": FORMAT,
+            "version": VERSION,
+            **(meta or {}),
+            "seq_len": self.seq_len,
+            "num_records": self.num_records,
+            "pad_id": PAD_ID,
+            "kinds": {str(k): v for k, v in KIND_NAMES.items()},
+            "shards": self.shards,
+        }
         (self.out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         return index
 
@@ -151,15 +158,17 @@ class Dataset:
         self.path = Path(path)
         f = self.path / INDEX_FILE
         if not f.is_file():
-            raise DataError(f"{self.path} is not a prepared dataset (no {INDEX_FILE}); make one with "
-                            "`python -m train.prepare`")
+            raise DataError(
+                f"{self.path} is not a prepared dataset (no {INDEX_FILE}); make one with `python -m train.prepare`"
+            )
         try:
             index = json.loads(f.read_text())
         except json.JSONDecodeError as e:
             raise DataError(f"{f}: invalid JSON ({e})") from None
         if not isinstance(index, dict) or index.get("format") != FORMAT:
-            raise DataError(f"{f}: not an sjd2-jax dataset (format "
-                            f"{index.get('format') if isinstance(index, dict) else None!r})")
+            raise DataError(
+                f"{f}: not an sjd2-jax dataset (format {index.get('format') if isinstance(index, dict) else None!r})"
+            )
         if index.get("version") != VERSION:
             raise DataError(f"{f}: unsupported dataset version {index.get('version')!r} (this code reads {VERSION})")
         self.index = index
@@ -176,12 +185,19 @@ class Dataset:
                     raise DataError(f"{self.path}: shard file {sh[key]} is missing")
                 arrs[key] = np.load(p, mmap_mode="r")
             n = int(sh["num_records"])
-            ok = (arrs["tokens"].shape == (n, self.seq_len) and arrs["kind"].shape == (n, self.seq_len)
-                  and arrs["lengths"].shape == (n,) and arrs["tokens"].dtype == np.int32
-                  and arrs["kind"].dtype == np.uint8 and arrs["lengths"].dtype == np.int32)
+            ok = (
+                arrs["tokens"].shape == (n, self.seq_len)
+                and arrs["kind"].shape == (n, self.seq_len)
+                and arrs["lengths"].shape == (n,)
+                and arrs["tokens"].dtype == np.int32
+                and arrs["kind"].dtype == np.uint8
+                and arrs["lengths"].dtype == np.int32
+            )
             if not ok:
-                raise DataError(f"{self.path}: shard {sh['name']} arrays do not match the index "
-                                f"({n} records of length {self.seq_len}: int32 tokens, int32 lengths, uint8 kind)")
+                raise DataError(
+                    f"{self.path}: shard {sh['name']} arrays do not match the index "
+                    f"({n} records of length {self.seq_len}: int32 tokens, int32 lengths, uint8 kind)"
+                )
             self._arrays.append(arrs)
             counts.append(n)
         self._starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
@@ -196,9 +212,11 @@ class Dataset:
         idx = np.asarray(indices, np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"record indices out of range [0, {len(self)})")
-        out = {"tokens": np.empty((idx.size, self.seq_len), np.int32),
-               "lengths": np.empty((idx.size,), np.int32),
-               "kind": np.empty((idx.size, self.seq_len), np.uint8)}
+        out = {
+            "tokens": np.empty((idx.size, self.seq_len), np.int32),
+            "lengths": np.empty((idx.size,), np.int32),
+            "kind": np.empty((idx.size, self.seq_len), np.uint8),
+        }
         shard = np.searchsorted(self._starts, idx, side="right") - 1
         for s in np.unique(shard):
             rows = np.nonzero(shard == s)[0]
@@ -228,7 +246,8 @@ class Loader:
     batch_size is the global batch; each of `process_count` processes gets the contiguous rows
     [process_index * b, (process_index + 1) * b) with b = batch_size / process_count. Epoch e uses
     the record order argsort(PCG64(SeedSequence([seed, e])) raw outputs), the same on every host and
-    NumPy release (identity order with shuffle=False). With drop_remainder the last partial global batch of an epoch is dropped;
+    NumPy release (identity order with shuffle=False). With drop_remainder the last partial global batch of an
+    epoch is dropped;
     without it, it is padded to full size with rows whose `valid` is False (kind all pad,
     so they carry no loss), keeping shapes static.
 
@@ -243,9 +262,19 @@ class Loader:
     `len(loader)` is the number of batches per epoch.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0, *, shuffle: bool = True,
-                 drop_remainder: bool = True, process_index: int = 0, process_count: int = 1,
-                 num_epochs: int | None = None, state: dict | None = None):
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        seed: int = 0,
+        *,
+        shuffle: bool = True,
+        drop_remainder: bool = True,
+        process_index: int = 0,
+        process_count: int = 1,
+        num_epochs: int | None = None,
+        state: dict | None = None,
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if seed < 0:
@@ -266,8 +295,10 @@ class Loader:
         n = len(dataset)
         self._per_epoch = n // self.batch_size if self.drop_remainder else math.ceil(n / self.batch_size)
         if self._per_epoch == 0:
-            raise ValueError(f"dataset of {n} records gives no batch of {self.batch_size}"
-                             + (" (drop_remainder=True)" if self.drop_remainder and n else ""))
+            raise ValueError(
+                f"dataset of {n} records gives no batch of {self.batch_size}"
+                + (" (drop_remainder=True)" if self.drop_remainder and n else "")
+            )
         self.epoch, self.position = 0, 0
         self._perm_epoch, self._perm = None, None
         if state is not None:
@@ -288,23 +319,36 @@ class Loader:
 
     def state(self) -> dict:
         """JSON-serializable position in the global stream (identical on every process)."""
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "batch_size": self.batch_size, "num_records": len(self.dataset), "shuffle": self.shuffle,
-                "drop_remainder": self.drop_remainder}
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "num_records": len(self.dataset),
+            "shuffle": self.shuffle,
+            "drop_remainder": self.drop_remainder,
+        }
 
     def restore(self, state: dict) -> None:
         """Continue from `state()` of a loader over the same data, seed and global batch size
         (the process count may differ)."""
-        for key, mine in (("seed", self.seed), ("batch_size", self.batch_size),
-                          ("num_records", len(self.dataset)), ("shuffle", self.shuffle),
-                          ("drop_remainder", self.drop_remainder)):
+        for key, mine in (
+            ("seed", self.seed),
+            ("batch_size", self.batch_size),
+            ("num_records", len(self.dataset)),
+            ("shuffle", self.shuffle),
+            ("drop_remainder", self.drop_remainder),
+        ):
             if key in state and state[key] != mine:
-                raise ValueError(f"loader state has {key}={state[key]!r}, this loader has {mine!r}; "
-                                 "restore needs the same dataset, seed and global batch size")
+                raise ValueError(
+                    f"loader state has {key}={state[key]!r}, this loader has {mine!r}; "
+                    "restore needs the same dataset, seed and global batch size"
+                )
         epoch, position = int(state["epoch"]), int(state["position"])
         if epoch < 0 or not 0 <= position <= self._per_epoch:
-            raise ValueError(f"loader state out of range: epoch {epoch}, position {position} "
-                             f"(batches per epoch {self._per_epoch})")
+            raise ValueError(
+                f"loader state out of range: epoch {epoch}, position {position} (batches per epoch {self._per_epoch})"
+            )
         if position == self._per_epoch:
             epoch, position = epoch + 1, 0
         self.epoch, self.position = epoch, position
@@ -319,16 +363,18 @@ class Loader:
             self._perm, self._perm_epoch = self.permutation(self.epoch), self.epoch
         B, b = self.batch_size, self.local_batch_size
         lo = self.position * B + self.process_index * b
-        idx = self._perm[lo: lo + b]
+        idx = self._perm[lo : lo + b]
         batch = self.dataset.gather(idx)
         valid = np.ones((b,), bool)
         if idx.size < b:  # last, padded batch (drop_remainder=False)
             pad = b - idx.size
             T = self.dataset.seq_len
-            batch = {"tokens": np.concatenate([batch["tokens"], np.full((pad, T), PAD_ID, np.int32)]),
-                     "lengths": np.concatenate([batch["lengths"], np.zeros((pad,), np.int32)]),
-                     "kind": np.concatenate([batch["kind"], np.zeros((pad, T), np.uint8)])}
-            valid[idx.size:] = False
+            batch = {
+                "tokens": np.concatenate([batch["tokens"], np.full((pad, T), PAD_ID, np.int32)]),
+                "lengths": np.concatenate([batch["lengths"], np.zeros((pad,), np.int32)]),
+                "kind": np.concatenate([batch["kind"], np.zeros((pad, T), np.uint8)]),
+            }
+            valid[idx.size :] = False
             idx = np.concatenate([idx, np.full((pad,), -1, np.int64)])
         batch["image_mask"] = batch["kind"] == KIND_IMAGE
         batch["noisable"] = batch["kind"] == KIND_IMAGE
@@ -340,6 +386,8 @@ class Loader:
         return batch
 
     def __repr__(self) -> str:
-        return (f"Loader({self.dataset.path}, batch {self.batch_size} = {self.process_count} x "
-                f"{self.local_batch_size}, process {self.process_index}, epoch {self.epoch}, "
-                f"position {self.position}/{self._per_epoch})")
+        return (
+            f"Loader({self.dataset.path}, batch {self.batch_size} = {self.process_count} x "
+            f"{self.local_batch_size}, process {self.process_index}, epoch {self.epoch}, "
+            f"position {self.position}/{self._per_epoch})"
+        )

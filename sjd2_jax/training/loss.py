@@ -26,8 +26,9 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return lse - picked
 
 
-def next_token_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array,
-                    level: jax.Array, num_levels: int) -> tuple[jax.Array, dict[str, jax.Array]]:
+def next_token_loss(
+    logits: jax.Array, targets: jax.Array, loss_mask: jax.Array, level: jax.Array, num_levels: int
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean cross-entropy over loss_mask, and per-level metrics.
 
     logits [..., L, V]; targets, loss_mask, level [..., L]; num_levels = K (static).
@@ -51,8 +52,9 @@ def next_token_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array,
     return loss, metrics
 
 
-def sjd2_loss(params: M.Params, cfg: ModelConfig, batch: TrainingExample,
-              num_levels: int, remat: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+def sjd2_loss(
+    params: M.Params, cfg: ModelConfig, batch: TrainingExample, num_levels: int, remat: bool = False
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Forward the model on a batched TrainingExample and take `next_token_loss`.
 
     cfg and num_levels are static; differentiate with respect to params (or the
@@ -63,15 +65,22 @@ def sjd2_loss(params: M.Params, cfg: ModelConfig, batch: TrainingExample,
     return next_token_loss(logits, batch.targets, batch.loss_mask, batch.level, num_levels)
 
 
-def training_loss(params: M.Params, cfg: ModelConfig, key: jax.Array, ids: jax.Array,
-                  image_mask: jax.Array, stats: EmbedStats, noise_cfg: NoiseConfig,
-                  batch_cfg: TrainBatchConfig,
-                  noisable: jax.Array | None = None, remat: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+def training_loss(
+    params: M.Params,
+    cfg: ModelConfig,
+    key: jax.Array,
+    ids: jax.Array,
+    image_mask: jax.Array,
+    stats: EmbedStats,
+    noise_cfg: NoiseConfig,
+    batch_cfg: TrainBatchConfig,
+    noisable: jax.Array | None = None,
+    remat: bool = False,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Build the noised batch from params["embed"] and take `sjd2_loss`, in one traceable call,
     so the embedding table also gets gradient through the (noisy) inputs.
 
     ids, image_mask [B, T]; stats are usually the frozen pretrained-table statistics.
     """
-    batch = build_training_batch(key, ids, image_mask, params["embed"], stats, noise_cfg,
-                                 batch_cfg, noisable)
+    batch = build_training_batch(key, ids, image_mask, params["embed"], stats, noise_cfg, batch_cfg, noisable)
     return sjd2_loss(params, cfg, batch, noise_cfg.num_levels, remat)

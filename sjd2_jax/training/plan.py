@@ -14,18 +14,36 @@ import jax
 import jax.numpy as jnp
 
 from sjd2_jax.io import checkpoint as ckpt
+from sjd2_jax.model import sharding as SH
 from sjd2_jax.model.config import ModelConfig
 from sjd2_jax.sjd2.standardize import EmbedStats
-from sjd2_jax.model import sharding as SH
 from sjd2_jax.training.step import TrainConfig, build_step, state_shardings
 
 PRESETS = {
     # Lumina-mGPT-7B-768 (Chameleon 7B; q/k-norm stored per model-parallel group)
-    "lumina-7b": ModelConfig(family="chameleon", vocab_size=65536, hidden_size=4096, num_layers=32, num_heads=32,
-                             num_kv_heads=32, intermediate_size=11008, qk_norm=True, qk_norm_groups=1),
+    "lumina-7b": ModelConfig(
+        family="chameleon",
+        vocab_size=65536,
+        hidden_size=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=32,
+        intermediate_size=11008,
+        qk_norm=True,
+        qk_norm_groups=1,
+    ),
     # Emu3-Gen 8B
-    "emu3-8b": ModelConfig(family="emu3", vocab_size=184622, hidden_size=4096, num_layers=32, num_heads=32,
-                           num_kv_heads=8, intermediate_size=14336, rope_theta=1e6, max_position_embeddings=9216),
+    "emu3-8b": ModelConfig(
+        family="emu3",
+        vocab_size=184622,
+        hidden_size=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        intermediate_size=14336,
+        rope_theta=1e6,
+        max_position_embeddings=9216,
+    ),
 }
 
 
@@ -52,23 +70,27 @@ def plan(model_dir, preset, tc: TrainConfig, mesh_text, seq_len: int) -> str:
     state_sh, _ = state_shardings(cfg, tc, mesh)
     from sjd2_jax.training.run import _abstract_state
 
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            _abstract_state(cfg, tc), state_sh)
+    abstract = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), _abstract_state(cfg, tc), state_sh
+    )
     bsh = SH.batch_sharding(mesh)
     B, T = tc.batch_size, seq_len
-    batch = {"tokens": jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=bsh),
-             "image_mask": jax.ShapeDtypeStruct((B, T), jnp.bool_, sharding=bsh),
-             "noisable": jax.ShapeDtypeStruct((B, T), jnp.bool_, sharding=bsh)}
+    batch = {
+        "tokens": jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=bsh),
+        "image_mask": jax.ShapeDtypeStruct((B, T), jnp.bool_, sharding=bsh),
+        "noisable": jax.ShapeDtypeStruct((B, T), jnp.bool_, sharding=bsh),
+    }
     rep = SH.replicated(mesh)
     D = cfg.hidden_size
-    stats = EmbedStats(jax.ShapeDtypeStruct((D,), jnp.float32, sharding=rep),
-                       jax.ShapeDtypeStruct((D,), jnp.float32, sharding=rep))
+    stats = EmbedStats(
+        jax.ShapeDtypeStruct((D,), jnp.float32, sharding=rep), jax.ShapeDtypeStruct((D,), jnp.float32, sharding=rep)
+    )
     compiled = build_step(cfg, tc, mesh, state_sh).lower(abstract, batch, stats).compile()
     ma = compiled.memory_analysis()
     params_b = _per_device_bytes(abstract.params)
     opt_b = _per_device_bytes(abstract.opt_state)
     temp_b = int(getattr(ma, "temp_size_in_bytes", 0)) if ma is not None else 0
-    gib = lambda b: f"{b / 2**30:8.2f} GiB"  # noqa: E731
+    gib = lambda b: f"{b / 2**30:8.2f} GiB"
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params))
     lines = [
         f"model: {preset or model_dir} ({cfg.family}, {n_params / 1e9:.2f} B parameters, {tc.param_dtype} master, "

@@ -9,7 +9,8 @@ mixing some in teaches the model the unconditional distribution. A record become
     prompt_ids(model, caption, plan)[0] + plan.prefix + plan.codes_to_tokens(codes)
 
 with the checkpoint's tokenizer and family layout, the plan for an image of h*p x w*p pixels
-(p = pixels per code: 16 Lumina-mGPT and Janus-Pro, 8 Emu3, or the checkpoint's own codec). The first valid record fixes the
+(p = pixels per code: 16 Lumina-mGPT and Janus-Pro, 8 Emu3, or the checkpoint's own codec). The first valid
+record fixes the
 dataset's image size; records of another size are bad records.
 
 Bad records (invalid JSON, missing or mistyped caption/codes, ragged grids, grids the family
@@ -68,21 +69,21 @@ def parse_record(line: int, raw: bytes):
         raise RecordError(line, f"expected a JSON object, got {type(rec).__name__}")
     for key in ("caption", "codes"):
         if key not in rec:
-            raise RecordError(line, f"missing \"{key}\"")
+            raise RecordError(line, f'missing "{key}"')
     caption, codes = rec["caption"], rec["codes"]
     if caption is not None and not isinstance(caption, str):
-        raise RecordError(line, f"\"caption\" must be a string or null, got {type(caption).__name__}")
+        raise RecordError(line, f'"caption" must be a string or null, got {type(caption).__name__}')
     if not isinstance(codes, list) or not codes or not all(isinstance(r, list) for r in codes):
-        raise RecordError(line, "\"codes\" must be a non-empty 2-D list (rows of image codes)")
+        raise RecordError(line, '"codes" must be a non-empty 2-D list (rows of image codes)')
     w = len(codes[0])
     if w == 0:
-        raise RecordError(line, "\"codes\" has an empty row")
+        raise RecordError(line, '"codes" has an empty row')
     for i, row in enumerate(codes):
         if len(row) != w:
-            raise RecordError(line, f"ragged \"codes\" grid: row {i} has {len(row)} codes, row 0 has {w}")
+            raise RecordError(line, f'ragged "codes" grid: row {i} has {len(row)} codes, row 0 has {w}')
         for j, c in enumerate(row):
             if type(c) is not int:
-                raise RecordError(line, f"\"codes\"[{i}][{j}] is {json.dumps(c)}, not an integer")
+                raise RecordError(line, f'"codes"[{i}][{j}] is {json.dumps(c)}, not an integer')
     return caption, np.asarray(codes, np.int64)
 
 
@@ -104,33 +105,47 @@ class _Encoder:
             try:
                 plan = self.L.image_plan(self.model, size)
             except ValueError as e:
-                raise RecordError(line, f"a {h}x{w} code grid ({size[0]}x{size[1]} px) is not a valid "
-                                  f"{self.family} image: {e}") from None
+                raise RecordError(
+                    line, f"a {h}x{w} code grid ({size[0]}x{size[1]} px) is not a valid {self.family} image: {e}"
+                ) from None
             self.plan, self.plan_line = plan, line
-            self.tail_kind = np.concatenate([np.full(len(plan.prefix), KIND_STRUCTURE, np.uint8),
-                                             np.where(plan.free, KIND_IMAGE, KIND_STRUCTURE).astype(np.uint8)])
+            self.tail_kind = np.concatenate(
+                [
+                    np.full(len(plan.prefix), KIND_STRUCTURE, np.uint8),
+                    np.where(plan.free, KIND_IMAGE, KIND_STRUCTURE).astype(np.uint8),
+                ]
+            )
         p = self.plan
         if (h, w) != (p.height, p.width):
-            raise RecordError(line, f"{h}x{w} code grid differs from the dataset's {p.height}x{p.width} "
-                              f"(set by line {self.plan_line}); all records must share one image size")
+            raise RecordError(
+                line,
+                f"{h}x{w} code grid differs from the dataset's {p.height}x{p.width} "
+                f"(set by line {self.plan_line}); all records must share one image size",
+            )
         n = p.token_of_code.shape[0]
         out = (codes < 0) | (codes >= n)
         if out.any():
             i, j = (int(v) for v in np.argwhere(out)[0])
-            raise RecordError(line, f"code {int(codes[i, j])} at [{i}][{j}] is out of range [0, {n}) "
-                              f"(image codes of this {self.family} checkpoint)")
+            raise RecordError(
+                line,
+                f"code {int(codes[i, j])} at [{i}][{j}] is out of range [0, {n}) "
+                f"(image codes of this {self.family} checkpoint)",
+            )
         missing = p.token_of_code[codes] < 0
         if missing.any():
             i, j = (int(v) for v in np.argwhere(missing)[0])
-            raise RecordError(line, f"code {int(codes[i, j])} at [{i}][{j}] has no image token in this "
-                              f"{self.family} checkpoint's vocabulary")
+            raise RecordError(
+                line,
+                f"code {int(codes[i, j])} at [{i}][{j}] has no image token in this "
+                f"{self.family} checkpoint's vocabulary",
+            )
 
     def encode(self, captions: list[str], codes: list[np.ndarray]):
         """[(tokens int32, kind uint8)] for checked records."""
         cond, uncond = self.L.prompt_ids(self.model, [c if c is not None else "" for c in captions], self.plan)
         tails = self.plan.codes_to_tokens(np.stack(codes), include_prefix=True)
         out = []
-        for ids_c, ids_u, caption, tail in zip(cond, uncond, captions, tails):
+        for ids_c, ids_u, caption, tail in zip(cond, uncond, captions, tails, strict=True):
             ids = ids_u if caption is None else ids_c
             toks = np.concatenate([np.asarray(ids, np.int32), tail.astype(np.int32)])
             kind = np.concatenate([np.full(len(ids), KIND_PROMPT, np.uint8), self.tail_kind])
@@ -138,14 +153,22 @@ class _Encoder:
         return out
 
 
-def prepare(jsonl, out_dir, model_dir, *, shard_size: int = 4096, on_error: str = "reject",
-            seq_len: int | None = None, progress: bool = True) -> dict:
+def prepare(
+    jsonl,
+    out_dir,
+    model_dir,
+    *,
+    shard_size: int = 4096,
+    on_error: str = "reject",
+    seq_len: int | None = None,
+    progress: bool = True,
+) -> dict:
     """Write the dataset folder `out_dir` (see module doc). Returns its index plus "skipped":
     [(line, message)]. Raises RecordError (reject), ValueError, FileExistsError, FileNotFoundError."""
     from tqdm import tqdm
 
-    from sjd2_jax.io import checkpoint as ckpt
     from sjd2_jax.families import layouts as L
+    from sjd2_jax.io import checkpoint as ckpt
 
     jsonl, out = Path(jsonl), Path(out_dir)
     if on_error not in ("reject", "skip"):
@@ -180,7 +203,7 @@ def prepare(jsonl, out_dir, model_dir, *, shard_size: int = 4096, on_error: str 
                 if not pending:
                     return
                 encoded = enc.encode([c for _, c, _ in pending], [g for _, _, g in pending])
-                for (line, _, _), (toks, kind) in zip(pending, encoded):
+                for (line, _, _), (toks, kind) in zip(pending, encoded, strict=True):
                     if seq_len is not None and toks.shape[0] > seq_len:
                         bad(RecordError(line, f"sequence of {toks.shape[0]} tokens exceeds --seq-len {seq_len}"))
                         continue
@@ -189,8 +212,16 @@ def prepare(jsonl, out_dir, model_dir, *, shard_size: int = 4096, on_error: str 
                     lengths.append(int(toks.shape[0]))
                 pending.clear()
 
-            with open(jsonl, "rb") as f, tqdm(total=jsonl.stat().st_size, desc="tokenize", unit="B",
-                                              unit_scale=True, disable=None if progress else True) as bar:
+            with (
+                open(jsonl, "rb") as f,
+                tqdm(
+                    total=jsonl.stat().st_size,
+                    desc="tokenize",
+                    unit="B",
+                    unit_scale=True,
+                    disable=None if progress else True,
+                ) as bar,
+            ):
                 for num_lines, raw in enumerate(f, 1):
                     bar.update(len(raw))
                     if not raw.strip():
@@ -217,17 +248,25 @@ def prepare(jsonl, out_dir, model_dir, *, shard_size: int = 4096, on_error: str 
         writer = DatasetWriter(tmp, T, shard_size)
         start = 0
         for n in tqdm(lengths, desc="write", unit="rec", disable=None if progress else True):
-            writer.add(toks[start: start + n], kinds[start: start + n])
+            writer.add(toks[start : start + n], kinds[start : start + n])
             start += n
         del toks, kinds
         plan = enc.plan
         meta = {
-            "family": enc.family, "head": plan.head, "model": str(Path(model_dir).resolve()),
+            "family": enc.family,
+            "head": plan.head,
+            "model": str(Path(model_dir).resolve()),
             "vocab_size": int(model.config.vocab_size),
-            "plan": {"height": plan.height, "width": plan.width, "pixel_height": plan.pixel_size[0],
-                     "pixel_width": plan.pixel_size[1], "prefix_len": len(plan.prefix),
-                     "num_generated": plan.num_generated},
-            "source": str(jsonl.resolve()), "longest_record": longest,
+            "plan": {
+                "height": plan.height,
+                "width": plan.width,
+                "pixel_height": plan.pixel_size[0],
+                "pixel_width": plan.pixel_size[1],
+                "prefix_len": len(plan.prefix),
+                "num_generated": plan.num_generated,
+            },
+            "source": str(jsonl.resolve()),
+            "longest_record": longest,
             "skipped_lines": [line for line, _ in skipped],
         }
         index = writer.close(meta)

@@ -16,9 +16,10 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from sjd2_jax.codecs import codec_files
 from sjd2_jax.io import checkpoint as ckpt
-from sjd2_jax.sjd2.standardize import embedding_stats
 from sjd2_jax.model import sharding as SH
+from sjd2_jax.sjd2.standardize import embedding_stats
 from sjd2_jax.training.data import Dataset, Loader
 from sjd2_jax.training.step import TrainConfig, TrainError, TrainState, build_step, init_state, state_shardings
 
@@ -30,8 +31,12 @@ FINAL = "final"
 def maybe_initialize_distributed() -> None:
     """Multi-host (TPU pod, GPU cluster): join the job when the environment describes one."""
     env = os.environ
-    if env.get("JAX_COORDINATOR_ADDRESS") or env.get("SJD2_DISTRIBUTED") == "1" or \
-            int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+    if (
+        env.get("JAX_COORDINATOR_ADDRESS")
+        or env.get("SJD2_DISTRIBUTED") == "1"
+        or int(env.get("SLURM_NTASKS", "1")) > 1
+        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+    ):
         jax.distributed.initialize()
 
 
@@ -63,8 +68,11 @@ def _save(mngr, step: int, state: TrainState, loader_state: dict, wait: bool = F
         # (donating) step overwrites while the async write is still running: save a copy.
         state = jax.tree.map(lambda x: x.copy(), state)
     with _quiet():
-        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                data=ocp.args.JsonSave(loader_state)), force=True)
+        mngr.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(loader_state)),
+            force=True,
+        )
         if wait:
             mngr.wait_until_finished()
 
@@ -76,12 +84,15 @@ def _restore_latest(mngr, abstract: TrainState, log):
     for step in sorted(mngr.all_steps(), reverse=True):
         try:
             with _quiet():
-                r = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                               data=ocp.args.JsonRestore()))
+                r = mngr.restore(
+                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore())
+                )
             return step, r["state"], r["data"]
         except Exception as e:  # orbax raises many types for damaged files
-            log(f"warning: checkpoint at step {step} cannot be restored ({type(e).__name__}: "
-                f"{str(e).splitlines()[0][:200]}); falling back to an earlier one")
+            log(
+                f"warning: checkpoint at step {step} cannot be restored ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200]}); falling back to an earlier one"
+            )
     return None
 
 
@@ -102,33 +113,65 @@ def write_final(run_dir: Path, model_dir: Path, cfg, params, tc: TrainConfig) ->
         meta = ckpt.read_meta(model_dir)
         src = dict(meta.get("source", {}), finetuned_from=str(model_dir), objective=tc.objective)
         ckpt.write_config(tmp, cfg.replace(dtype=tc.param_dtype), src)
-        ckpt.copy_files(model_dir, tmp, (ckpt.HF_CONFIG_FILE, ckpt.ASIDE_FILE, "generation_config.json",
-                                         *ckpt.TOKENIZER_FILES, *ckpt.SIDE_FILES))
+        ckpt.copy_files(
+            model_dir,
+            tmp,
+            (
+                ckpt.HF_CONFIG_FILE,
+                ckpt.ASIDE_FILE,
+                "generation_config.json",
+                *ckpt.TOKENIZER_FILES,
+                ckpt.GENERATION_FILE,
+                *codec_files(model_dir),
+            ),
+        )
         if tc.objective == "sjd2":  # decode with the noise schedule the model was trained on
             gen = ckpt.generation_defaults(model_dir)
             n = tc.noise
-            sjd2 = dict(gen.get("methods", {}).get("sjd2", {}), levels=n.num_levels, sigma_min=n.sigma_min,
-                        sigma_max=n.sigma_max, rho=n.rho, parametrization=n.parametrization,
-                        pure_noise_top=n.pure_noise_top, stats=n.stats)
+            sjd2 = dict(
+                gen.get("methods", {}).get("sjd2", {}),
+                levels=n.num_levels,
+                sigma_min=n.sigma_min,
+                sigma_max=n.sigma_max,
+                rho=n.rho,
+                parametrization=n.parametrization,
+                pure_noise_top=n.pure_noise_top,
+                stats=n.stats,
+            )
             gen["methods"] = dict(gen.get("methods", {}), sjd2=sjd2)
             ckpt.write_generation_defaults(tmp, gen)
     return out
 
 
-def run(model_dir, data_dir, run_dir, tc: TrainConfig, *, mesh: str | None = None, epochs: int | None = None,
-        save_every: int = 100, keep: int = 3, resume: bool = False, progress: bool = True, log=print) -> dict:
+def run(
+    model_dir,
+    data_dir,
+    run_dir,
+    tc: TrainConfig,
+    *,
+    mesh: str | None = None,
+    epochs: int | None = None,
+    save_every: int = 100,
+    keep: int = 3,
+    resume: bool = False,
+    progress: bool = True,
+    log=print,
+) -> dict:
     maybe_initialize_distributed()
     # orbax needs absolute paths; resolve once so relative --out/--model/--data work
     model_dir, data_dir, run_dir = Path(model_dir).resolve(), Path(data_dir).resolve(), Path(run_dir).resolve()
     cfg = ckpt.read_config(model_dir)
     if cfg.has_image_head:
-        raise TrainError("training supports LM-vocabulary families (chameleon, emu3); the Janus-Pro "
-                         "generation-head objective is not implemented")
+        raise TrainError(
+            "training supports LM-vocabulary families (chameleon, emu3); the Janus-Pro "
+            "generation-head objective is not implemented"
+        )
     dataset = Dataset(data_dir)
     if dataset.family and dataset.family != cfg.family:
         raise TrainError(f"dataset was prepared for {dataset.family}, the model is {cfg.family}")
-    loader = Loader(dataset, tc.batch_size, seed=tc.seed, process_index=jax.process_index(),
-                    process_count=jax.process_count())
+    loader = Loader(
+        dataset, tc.batch_size, seed=tc.seed, process_index=jax.process_index(), process_count=jax.process_count()
+    )
     if epochs is not None:
         tc = tc.__class__(**{**tc.__dict__, "steps": max(1, epochs * len(loader))})
     mesh_obj = SH.make_mesh(SH.parse_mesh(mesh))
@@ -140,8 +183,9 @@ def run(model_dir, data_dir, run_dir, tc: TrainConfig, *, mesh: str | None = Non
     state_sh, _ = state_shardings(cfg, tc, mesh_obj, notes)
     for n in sorted(set(notes)):
         log(f"note: {n}")
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            _abstract_state(cfg, tc), state_sh)
+    abstract = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), _abstract_state(cfg, tc), state_sh
+    )
 
     run_dir.mkdir(parents=True, exist_ok=True)
     mngr = _manager(run_dir, keep)
@@ -180,15 +224,22 @@ def run(model_dir, data_dir, run_dir, tc: TrainConfig, *, mesh: str | None = Non
     last_saved = start
     step = start
     try:
-        bar = tqdm(total=tc.steps, initial=start, desc=f"train ({tc.objective})", unit="step",
-                   disable=None if progress else True)
+        bar = tqdm(
+            total=tc.steps,
+            initial=start,
+            desc=f"train ({tc.objective})",
+            unit="step",
+            disable=None if progress else True,
+        )
         with open(metrics_file, "a") as mf:
             while step < tc.steps:
                 if stop["signal"] is not None:
                     break
                 local = next(loader)
-                batch = {k: jax.make_array_from_process_local_data(bsh, local[k])
-                         for k in ("tokens", "image_mask", "noisable")}
+                batch = {
+                    k: jax.make_array_from_process_local_data(bsh, local[k])
+                    for k in ("tokens", "image_mask", "noisable")
+                }
                 t = time.perf_counter()
                 state, m = step_fn(state, batch, stats)
                 m = jax.device_get(m)
@@ -196,11 +247,18 @@ def run(model_dir, data_dir, run_dir, tc: TrainConfig, *, mesh: str | None = Non
                 loss = float(m["loss"])
                 step += 1
                 if not math.isfinite(loss):
-                    raise TrainError(f"loss is {loss} at step {step}; stopping. The last good checkpoint "
-                                     f"(step {last_saved}) is kept in {run_dir / CHECKPOINTS}")
-                rec = {"step": step, "loss": loss, "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
-                       "tokens_per_second": float(local["lengths"].sum()) * jax.process_count() / dt,
-                       "per_level_loss": [float(x) for x in m["per_level_loss"]]}
+                    raise TrainError(
+                        f"loss is {loss} at step {step}; stopping. The last good checkpoint "
+                        f"(step {last_saved}) is kept in {run_dir / CHECKPOINTS}"
+                    )
+                rec = {
+                    "step": step,
+                    "loss": loss,
+                    "lr": float(m["lr"]),
+                    "grad_norm": float(m["grad_norm"]),
+                    "tokens_per_second": float(local["lengths"].sum()) * jax.process_count() / dt,
+                    "per_level_loss": [float(x) for x in m["per_level_loss"]],
+                }
                 mf.write(json.dumps(rec) + "\n")
                 mf.flush()
                 bar.update(1)
@@ -232,5 +290,6 @@ def _abstract_state(cfg, tc: TrainConfig) -> TrainState:
     from sjd2_jax.training.step import make_optimizer
 
     opt, _ = make_optimizer(tc)
-    return jax.eval_shape(lambda p: TrainState(jnp.int32(0), p, opt.init(p)),
-                          abstract_params(cfg, jnp.dtype(tc.param_dtype)))
+    return jax.eval_shape(
+        lambda p: TrainState(jnp.int32(0), p, opt.init(p)), abstract_params(cfg, jnp.dtype(tc.param_dtype))
+    )

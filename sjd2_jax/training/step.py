@@ -10,29 +10,18 @@ exactly what an uninterrupted one would have done.
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import os
-import shutil
-import signal
-import sys
-import time
-from pathlib import Path
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from sjd2_jax.io import checkpoint as ckpt
-from sjd2_jax.model.config import ModelConfig
-from sjd2_jax.training.loss import training_loss
-from sjd2_jax.sjd2.schedule import NoiseConfig
-from sjd2_jax.sjd2.standardize import embedding_stats
-from sjd2_jax.training.batch import TrainBatchConfig
 from sjd2_jax.model import sharding as SH
+from sjd2_jax.model.config import ModelConfig
+from sjd2_jax.sjd2.schedule import NoiseConfig
+from sjd2_jax.training.batch import TrainBatchConfig
+from sjd2_jax.training.loss import training_loss
 
 
 class TrainError(Exception):
@@ -89,14 +78,25 @@ class TrainState:
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
     warm = max(0, min(tc.warmup, tc.steps - 1))
     schedule = optax.warmup_cosine_decay_schedule(0.0, tc.lr, warm, max(tc.steps, warm + 1), tc.lr * tc.end_lr_ratio)
-    return optax.chain(optax.clip_by_global_norm(tc.clip_norm),
-                       optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay)), schedule
+    return optax.chain(
+        optax.clip_by_global_norm(tc.clip_norm), optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay)
+    ), schedule
 
 
 def loss_fn(params, cfg: ModelConfig, tc: TrainConfig, stats, batch, key):
     compute = jax.tree.map(lambda x: x.astype(tc.compute_dtype), params)
-    return training_loss(compute, cfg.replace(dtype=tc.compute_dtype), key, batch["tokens"], batch["image_mask"],
-                         stats, tc.noise, tc.batch_cfg, batch["noisable"], remat=tc.remat)
+    return training_loss(
+        compute,
+        cfg.replace(dtype=tc.compute_dtype),
+        key,
+        batch["tokens"],
+        batch["image_mask"],
+        stats,
+        tc.noise,
+        tc.batch_cfg,
+        batch["noisable"],
+        remat=tc.remat,
+    )
 
 
 def build_step(cfg: ModelConfig, tc: TrainConfig, mesh, state_sharding):
@@ -107,14 +107,15 @@ def build_step(cfg: ModelConfig, tc: TrainConfig, mesh, state_sharding):
 
     def step(state: TrainState, batch, stats):
         key = jax.random.fold_in(jax.random.key(tc.seed), state.step)
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, cfg, tc, stats, batch, key)
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, cfg, tc, stats, batch, key)
         updates, opt_state = opt.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
         return TrainState(state.step + 1, params, opt_state), metrics
 
-    return jax.jit(step, in_shardings=(state_sharding, batch_sh, rep), out_shardings=(state_sharding, rep),
-                   donate_argnums=(0,))
+    return jax.jit(
+        step, in_shardings=(state_sharding, batch_sh, rep), out_shardings=(state_sharding, rep), donate_argnums=(0,)
+    )
 
 
 def state_shardings(cfg: ModelConfig, tc: TrainConfig, mesh, notes=None):
@@ -130,16 +131,22 @@ def state_shardings(cfg: ModelConfig, tc: TrainConfig, mesh, notes=None):
     abstract = abstract_params(cfg, jnp.dtype(tc.param_dtype))
     opt_abstract = jax.eval_shape(opt.init, abstract)
     rep = SH.replicated(mesh)
-    opt_sh = optax.tree_map_params(opt, lambda _, sh: sh, opt_abstract, psh,
-                                   transform_non_params=lambda _: rep,
-                                   is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    opt_sh = optax.tree_map_params(
+        opt,
+        lambda _, sh: sh,
+        opt_abstract,
+        psh,
+        transform_non_params=lambda _: rep,
+        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
+    )
     return TrainState(rep, psh, opt_sh), abstract
 
 
 def init_state(params, cfg, tc: TrainConfig, state_sh: TrainState) -> TrainState:
     opt, _ = make_optimizer(tc)
     # A jit copy (not device_put, which may alias): the step donates the state, not the caller's params.
-    params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(tc.param_dtype), p),
-                     out_shardings=state_sh.params)(params)
+    params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(tc.param_dtype), p), out_shardings=state_sh.params)(
+        params
+    )
     opt_state = jax.jit(opt.init, out_shardings=state_sh.opt_state)(params)
     return TrainState(jax.device_put(jnp.int32(0), state_sh.step), params, opt_state)

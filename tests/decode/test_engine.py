@@ -8,14 +8,23 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from helpers import numpy_params
+from sjd2_jax.decode.engine import DecodeSpec, Sampling, decode
 from sjd2_jax.model import transformer as M
 from sjd2_jax.model.config import ModelConfig
-from sjd2_jax.decode.engine import DecodeSpec, Sampling, decode
 from sjd2_jax.sjd2.schedule import NoiseConfig
 
-CFG = ModelConfig(family="chameleon", vocab_size=64, hidden_size=48, num_layers=2, num_heads=3, num_kv_heads=3,
-                  intermediate_size=80, qk_norm=True)
+from helpers import numpy_params
+
+CFG = ModelConfig(
+    family="chameleon",
+    vocab_size=64,
+    hidden_size=48,
+    num_layers=2,
+    num_heads=3,
+    num_kv_heads=3,
+    intermediate_size=80,
+    qk_norm=True,
+)
 EOL = 63
 
 
@@ -87,8 +96,9 @@ def test_changing_knobs_does_not_recompile(greedy_setup):
 
 # ----------------------------------------------------------------------------- distribution
 
-TINY = ModelConfig(family="emu3", vocab_size=12, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=2,
-                   intermediate_size=48)
+TINY = ModelConfig(
+    family="emu3", vocab_size=12, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=48
+)
 CODES = np.array([3, 5, 8])  # the allowed image tokens
 NTOK = 3
 
@@ -134,8 +144,9 @@ def dist_setup():
 # 6000 samples over 27 cells (all expected counts > 5 here; checked below). At this size the
 # chi-square test at level 1e-3 rejects a sampler whose cell probabilities are off by the
 # temperature-0.8 distortion (used as the negative control below) with power ~1.
-@pytest.mark.parametrize("method,kw", [("ar", {}), ("sjd", {}), ("sjd2", {}), ("sjd2", {"window": 3}),
-                                       ("sjd2", {"cfg": 2.5})])
+@pytest.mark.parametrize(
+    "method,kw", [("ar", {}), ("sjd", {}), ("sjd2", {}), ("sjd2", {"window": 3}), ("sjd2", {"cfg": 2.5})]
+)
 def test_sampling_matches_exact_ar_distribution(dist_setup, method, kw):
     params, prompt, seqs, probs = dist_setup
     n = 6000
@@ -148,10 +159,24 @@ def test_sampling_matches_exact_ar_distribution(dist_setup, method, kw):
     lens = [len(prompt)] * n + ([len(uncond)] * n if cfg_scale != 1.0 else [])
     allowed = np.zeros(12, bool)
     allowed[CODES] = True
-    spec = DecodeSpec(method=method, window=kw.get("window", 4), num_tokens=NTOK, noise=NoiseConfig(num_levels=2),
-                      cfg=cfg_scale != 1.0)
-    r = decode(params, TINY, spec, jnp.asarray(rows, jnp.int32), jnp.asarray(lens), jnp.full((NTOK,), -1, jnp.int32),
-               jnp.asarray(allowed), Sampling.make(n, temperature=1.0, cfg_scale=cfg_scale), jax.random.key(11))
+    spec = DecodeSpec(
+        method=method,
+        window=kw.get("window", 4),
+        num_tokens=NTOK,
+        noise=NoiseConfig(num_levels=2),
+        cfg=cfg_scale != 1.0,
+    )
+    r = decode(
+        params,
+        TINY,
+        spec,
+        jnp.asarray(rows, jnp.int32),
+        jnp.asarray(lens),
+        jnp.full((NTOK,), -1, jnp.int32),
+        jnp.asarray(allowed),
+        Sampling.make(n, temperature=1.0, cfg_scale=cfg_scale),
+        jax.random.key(11),
+    )
     pval = chi2_pvalue(np.asarray(r.tokens), seqs, probs)
     assert pval > 1e-3, (method, pval)
     if method == "sjd":

@@ -10,14 +10,15 @@ pytestmark = pytest.mark.torch
 pytest.importorskip("torch")
 
 import sjd2_jax  # noqa: E402
+from sjd2_jax.decode.engine import decode  # noqa: E402
 from sjd2_jax.io.importer import import_checkpoint  # noqa: E402
+
 from synthetic import (  # noqa: E402
     add_layout_tokenizer,
     make_chameleon_checkpoint,
     make_emu3_checkpoint,
     make_janus_checkpoint,
 )
-from sjd2_jax.decode.engine import decode  # noqa: E402
 
 SIZES = {"chameleon": 64, "emu3": (32, 24), "janus": None}
 
@@ -54,7 +55,7 @@ def test_greedy_methods_agree_per_family(models, family):
     assert np.all(ref.steps == plan.num_generated)  # AR: one forward pass per generated token
     assert ref.codes.shape == (2, plan.height, plan.width) and np.all(ref.codes >= 0)
     forced = plan.forced >= 0
-    gen = ref.tokens[:, len(plan.prefix):]
+    gen = ref.tokens[:, len(plan.prefix) :]
     assert np.all(gen[:, forced] == plan.forced[forced])  # structure tokens where the layout says
     for method, opts in [("jacobi", {"window": 5}), ("sjd", {"window": 5}), ("sjd2", {"window": 6, "levels": 3})]:
         r = sjd2_jax.generate(m, PROMPTS, method=method, size=SIZES[family], temperature=0.0, **opts)
@@ -66,8 +67,19 @@ def test_sampled_generation_respects_layout_and_no_recompile(models):
     m = models["emu3"]
     a = sjd2_jax.generate(m, PROMPTS, method="sjd2", size=SIZES["emu3"], seed=1, window=6, levels=3)
     before = decode._cache_size()
-    b = sjd2_jax.generate(m, ["another prompt", "x"], method="sjd2", size=SIZES["emu3"], seed=2, temperature=0.8,
-                          top_k=5, top_p=0.9, cfg_scale=2.0, window=6, levels=3)
+    b = sjd2_jax.generate(
+        m,
+        ["another prompt", "x"],
+        method="sjd2",
+        size=SIZES["emu3"],
+        seed=2,
+        temperature=0.8,
+        top_k=5,
+        top_p=0.9,
+        cfg_scale=2.0,
+        window=6,
+        levels=3,
+    )
     assert decode._cache_size() == before  # new prompts and knobs, same shapes: no new compilation
     for r in (a, b):
         free = r.plan.forced < 0
@@ -82,11 +94,14 @@ def test_token_id_prompts_are_used_as_given(models):
     assert r.tokens.shape[0] == 2 and np.all(r.steps == r.plan.num_generated)
 
 
-@pytest.mark.parametrize("kwargs,msg", [
-    (dict(method="beam"), "unknown method"),
-    (dict(size=50), "multiple"),
-    (dict(method="sjd2", windw=8), "unknown method options"),
-])
+@pytest.mark.parametrize(
+    "kwargs,msg",
+    [
+        (dict(method="beam"), "unknown method"),
+        (dict(size=50), "multiple"),
+        (dict(method="sjd2", windw=8), "unknown method options"),
+    ],
+)
 def test_bad_input_is_a_clear_error(models, kwargs, msg):
     with pytest.raises(ValueError, match=msg):
         sjd2_jax.generate(models["chameleon"], PROMPTS, **kwargs)
@@ -104,7 +119,7 @@ def test_sjd2_paper_mode_and_switches_run(models):
     for opts in ({"exact": False}, {"parametrization": "vp", "e0_hat": "mean", "stats": "image"}):
         r = sjd2_jax.generate(m, PROMPTS, method="sjd2", size=64, window=6, levels=3, seed=4, **opts)
         forced = r.plan.forced >= 0
-        gen = r.tokens[:, len(r.plan.prefix):]
+        gen = r.tokens[:, len(r.plan.prefix) :]
         assert np.all(gen[:, forced] == r.plan.forced[forced]) and np.all(r.codes >= 0), opts
         assert np.all(r.steps <= r.plan.num_generated)
 
@@ -115,8 +130,26 @@ def test_infer_on_a_converted_checkpoint_saves_code_grids(models, tmp_path, caps
 
     m = models["emu3"]
     out = tmp_path / "run"
-    assert main(["--model", str(m.path), "--prompt", "a red cat", "--size", "32", "--method", "sjd", "--window", "6",
-                 "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                str(m.path),
+                "--prompt",
+                "a red cat",
+                "--size",
+                "32",
+                "--method",
+                "sjd",
+                "--window",
+                "6",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     stats = json.loads((out / "stats.json").read_text())
     assert [s["image"] for s in stats] == ["000.npy"]
     codes = np.load(out / "000.npy")

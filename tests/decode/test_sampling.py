@@ -32,16 +32,23 @@ def _reference(logits, allowed, temperature, top_k, top_p):
     return out
 
 
-@pytest.mark.parametrize("top_k,top_p", [([0, 0, 0], [1.0, 1.0, 1.0]), ([5, 0, 3], [1.0, 0.8, 0.5]),
-                                         ([0, 7, 0], [1.0, 1.0, 0.9])])
+@pytest.mark.parametrize(
+    "top_k,top_p", [([0, 0, 0], [1.0, 1.0, 1.0]), ([5, 0, 3], [1.0, 0.8, 0.5]), ([0, 7, 0], [1.0, 1.0, 0.9])]
+)
 def test_process_matches_reference(top_k, top_p):
     rng = np.random.default_rng(sum(top_k))
     B, W, V = 3, 4, 40
     logits = rng.normal(0, 2.0, (B, W, V)).astype(np.float32)
     allowed = rng.uniform(size=V) < 0.8
     temperature = np.array([1.0, 0.7, 1.3], np.float32)
-    got = S.process(jnp.asarray(logits), jnp.asarray(allowed), jnp.full((B, W), -1, jnp.int32),
-                    jnp.asarray(temperature), jnp.asarray(top_k, jnp.int32), jnp.asarray(top_p, jnp.float32))
+    got = S.process(
+        jnp.asarray(logits),
+        jnp.asarray(allowed),
+        jnp.full((B, W), -1, jnp.int32),
+        jnp.asarray(temperature),
+        jnp.asarray(top_k, jnp.int32),
+        jnp.asarray(top_p, jnp.float32),
+    )
     want = _reference(logits, allowed, temperature, np.array(top_k), np.array(top_p))
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-6)
     support = (np.asarray(got) > 0).sum(-1)

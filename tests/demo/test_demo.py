@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 import sjd2_jax
-from sjd2_jax.io import checkpoint as ckpt
-from sjd2_jax.families import layouts as L
+from sjd2_jax.codecs import load_codec
 from sjd2_jax.demo import mnist
-from sjd2_jax.demo.patch_codec import PatchCodec, codec_of, fit_patch_codec
+from sjd2_jax.demo.patch_codec import PatchCodec, fit_patch_codec
+from sjd2_jax.families import layouts as L
+from sjd2_jax.io import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,7 +45,7 @@ def test_mnist_split_is_stratified_and_disjoint(digits):
 
 def test_codec_round_trip_within_quantization_error(demo, digits):
     images, labels = digits
-    codec = codec_of(demo.path)
+    codec = load_codec(demo.path)
     assert codec.grid == (14, 14) and codec.patch_size == 2 and codec.num_codes == 256
     train, _ = mnist.split(labels)
     x = images[train[:600]].astype(np.float32) / 255.0
@@ -118,7 +119,7 @@ def test_shipped_checkpoint_generates_with_each_method(demo):
     for method in ("ar", "jacobi", "sjd", "sjd2"):
         g = sjd2_jax.generate(demo, prompts, method=method, temperature=0.0, seed=1)
         plan = g.plan
-        gen = g.tokens[:, len(plan.prefix):]
+        gen = g.tokens[:, len(plan.prefix) :]
         assert g.codes.shape == (2, 14, 14) and g.codes.min() >= 0
         forced = plan.forced >= 0
         np.testing.assert_array_equal(gen[:, forced], np.broadcast_to(plan.forced[forced], (2, forced.sum())))
@@ -137,7 +138,7 @@ def test_trace_records_window_drafts(demo):
     assert g.trace_drafts.shape == (12, 1, 7) and g.trace_done.shape == (12, 1)
     done = g.trace_done[:, 0]
     assert done[0] == 0 and (np.diff(done) >= 1).all()  # SJD commits at least one token per iteration
-    final = g.tokens[0, len(g.plan.prefix):]
+    final = g.tokens[0, len(g.plan.prefix) :]
     # Drafts that were accepted at iteration t equal the committed tokens.
     t = 3
     n = done[t + 1] - done[t]  # committed in iteration t: accepted drafts + one corrected/bonus token
@@ -158,16 +159,36 @@ def test_infer_writes_pngs_grid_and_stats(tmp_path, capsys):
 
     out = tmp_path / "run"
     prompts = ["a handwritten 4", "the digit nine"]
-    assert _infer(["--prompt", prompts[0], "--prompt", prompts[1], "--compare", "--out", str(out), "--no-progress",
-                   "--seed", "3", "--batch-size", "2"]) == 0
+    assert (
+        _infer(
+            [
+                "--prompt",
+                prompts[0],
+                "--prompt",
+                prompts[1],
+                "--compare",
+                "--out",
+                str(out),
+                "--no-progress",
+                "--seed",
+                "3",
+                "--batch-size",
+                "2",
+            ]
+        )
+        == 0
+    )
     stats = json.loads((out / "stats.json").read_text())
-    assert [(s["method"], s["prompt"]) for s in stats] == [(m, p) for m in ("sjd2", "ar", "jacobi", "sjd")
-                                                             for p in prompts]
-    codec = codec_of(sjd2_jax.DEMO_MODEL)
+    assert [(s["method"], s["prompt"]) for s in stats] == [
+        (m, p) for m in ("sjd2", "ar", "jacobi", "sjd") for p in prompts
+    ]
+    codec = load_codec(sjd2_jax.DEMO_MODEL)
     for s in stats:
         assert {"prompt", "method", "image", "tokens", "steps", "seconds"} <= set(s)
         assert s["tokens"] == 212 and 1 <= s["steps"] <= 212 and s["seconds"] > 0
-        assert s["image"] == ("" if s["method"] == "sjd2" else s["method"] + "-") + f"{prompts.index(s['prompt']):03d}.png"
+        assert (
+            s["image"] == ("" if s["method"] == "sjd2" else s["method"] + "-") + f"{prompts.index(s['prompt']):03d}.png"
+        )
         img = np.asarray(Image.open(out / s["image"]))
         assert img.shape == (28, 28) and img.dtype == np.uint8 and img.max() > 100
         # The PNG is the codec's decoding of some code grid: re-encoding it reproduces it to 8-bit rounding.
@@ -184,11 +205,14 @@ def test_infer_writes_pngs_grid_and_stats(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
-@pytest.mark.parametrize("setup,expect", [
-    (lambda d: None, "no such file"),
-    (lambda d: (d / "p.txt").write_text("\n# only a comment\n\n"), "no prompts"),
-    (lambda d: (d / "p.txt").write_bytes(b"a handwritten \xff\xfe 7\n"), "not UTF-8"),
-])
+@pytest.mark.parametrize(
+    "setup,expect",
+    [
+        (lambda d: None, "no such file"),
+        (lambda d: (d / "p.txt").write_text("\n# only a comment\n\n"), "no prompts"),
+        (lambda d: (d / "p.txt").write_bytes(b"a handwritten \xff\xfe 7\n"), "not UTF-8"),
+    ],
+)
 def test_infer_bad_prompts_file(tmp_path, capsys, setup, expect):
     setup(tmp_path)
     out = tmp_path / "out"
@@ -225,16 +249,41 @@ def test_infer_unknown_flag_is_a_usage_message():
 def test_build_script_runs_end_to_end(tmp_path):
     """scripts/build_demo.py at toy size: codec, tokenizer, init, prepare, AR run, SJD2 run, build_info."""
     work = tmp_path / "work"
-    r = subprocess.run([sys.executable, "scripts/build_demo.py", "--work", str(work), "--layers", "1", "--hidden", "32",
-                        "--heads", "2", "--mlp", "64", "--batch-size", "8", "--ar-steps", "3", "--sjd2-steps", "3",
-                        "--levels", "4"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "scripts/build_demo.py",
+            "--work",
+            str(work),
+            "--layers",
+            "1",
+            "--hidden",
+            "32",
+            "--heads",
+            "2",
+            "--mlp",
+            "64",
+            "--batch-size",
+            "8",
+            "--ar-steps",
+            "3",
+            "--sjd2-steps",
+            "3",
+            "--levels",
+            "4",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     info = json.loads((work / "build_info.json").read_text())
     assert info["ar"]["steps"] == 3 and info["sjd2"]["steps"] == 3 and info["train_digits"] == 4500
     final = work / "sjd2" / "final"
     assert ckpt.generation_defaults(final)["methods"]["sjd2"]["levels"] == 4
     model = sjd2_jax.load(final)
-    assert codec_of(final).grid == (14, 14) and model.config.hidden_size == 32
+    assert load_codec(final).grid == (14, 14) and model.config.hidden_size == 32
     g = sjd2_jax.generate(model, ["a handwritten 3"], method="sjd2", seed=0)
     assert g.codes.shape == (1, 14, 14)
 

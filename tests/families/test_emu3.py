@@ -17,11 +17,12 @@ pytestmark = pytest.mark.torch
 torch = pytest.importorskip("torch")
 
 import sjd2_jax  # noqa: E402
-from helpers import expect_cli_error  # noqa: E402
 from convert.__main__ import main  # noqa: E402
-from sjd2_jax.io.parity import check  # noqa: E402
 from sjd2_jax.io.exporter import export_checkpoint  # noqa: E402
 from sjd2_jax.io.importer import import_checkpoint  # noqa: E402
+from sjd2_jax.io.parity import check  # noqa: E402
+
+from helpers import expect_cli_error  # noqa: E402
 from synthetic import emu3_vocabulary, make_emu3_checkpoint, make_janus_checkpoint  # noqa: E402
 
 LAYOUTS = ("hf", "hf_memory", "original")
@@ -30,8 +31,13 @@ LAYOUTS = ("hf", "hf_memory", "original")
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("emu3src")
-    return {layout: (make_emu3_checkpoint(root / layout, layout=layout, shards=2 if layout != "hf_memory" else 1,
-                                          seed=3), root / layout)[1] for layout in LAYOUTS}
+    return {
+        layout: (
+            make_emu3_checkpoint(root / layout, layout=layout, shards=2 if layout != "hf_memory" else 1, seed=3),
+            root / layout,
+        )[1]
+        for layout in LAYOUTS
+    }
 
 
 @pytest.fixture(scope="module")
@@ -146,8 +152,6 @@ def test_rebuilt_vocabulary_map_has_real_ids():
 # ----------------------------------------------------------------------------- bad input
 
 
-
-
 def _edit_shard(src: Path, dst: Path, key: str, edit) -> Path:
     """Copy a sharded folder and edit the shard holding `key` (index kept consistent)."""
     from safetensors.numpy import load_file, save_file
@@ -173,8 +177,12 @@ def test_bad_missing_key(sources, tmp_path, capsys, layout):
 
 
 def test_bad_extra_key(sources, tmp_path, capsys):
-    src = _edit_shard(sources["original"], tmp_path / "s", "model.norm.weight",
-                      lambda s: s.update({"model.layers.0.self_attn.q_norm.bias": np.ones(3, np.float32)}))
+    src = _edit_shard(
+        sources["original"],
+        tmp_path / "s",
+        "model.norm.weight",
+        lambda s: s.update({"model.layers.0.self_attn.q_norm.bias": np.ones(3, np.float32)}),
+    )
     expect_cli_error(["import", str(src), str(tmp_path / "o")], capsys, "unknown keys", "q_norm.bias")
 
 

@@ -20,11 +20,12 @@ pytestmark = pytest.mark.torch
 torch = pytest.importorskip("torch")
 
 import sjd2_jax  # noqa: E402
-from helpers import expect_cli_error  # noqa: E402
 from convert.__main__ import main  # noqa: E402
-from sjd2_jax.io.parity import check, reference_image_logits, reference_model  # noqa: E402
 from sjd2_jax.io.exporter import export_checkpoint  # noqa: E402
 from sjd2_jax.io.importer import import_checkpoint  # noqa: E402
+from sjd2_jax.io.parity import check, reference_image_logits, reference_model  # noqa: E402
+
+from helpers import expect_cli_error  # noqa: E402
 from synthetic import make_emu3_checkpoint, make_janus_checkpoint  # noqa: E402
 
 KINDS = {  # name -> make_janus_checkpoint arguments
@@ -84,14 +85,20 @@ def test_bfloat16_original_bin(sources, imported):
 
 
 def test_layouts_and_tying_are_detected(imported):
-    expect = {"hf_tied": ("hf", True, 244), "hf_untied": ("hf", False, 244),
-              "orig_sharded": ("original", False, 239), "orig_bf16_tied": ("original", True, 239)}
+    expect = {
+        "hf_tied": ("hf", True, 244),
+        "hf_untied": ("hf", False, 244),
+        "orig_sharded": ("original", False, 239),
+        "orig_bf16_tied": ("original", True, 239),
+    }
     for kind, (layout, tied, aside) in expect.items():
         meta = json.loads((imported[kind] / "sjd2_config.json").read_text())
         m = meta["model"]
         assert meta["source"]["layout"] == layout and m["tie_word_embeddings"] is tied, kind
         assert (m["image_vocab_size"], m["image_embed_dim"], m["rms_norm_eps"], m["num_kv_heads"]) == (16, 8, 1e-6, 2)
-        assert meta["source"]["aside_tensors"] == aside, kind  # VQ + SigLIP tower + its aligner (+ attn_pool, codebook_used)
+        assert meta["source"]["aside_tensors"] == aside, (
+            kind
+        )  # VQ + SigLIP tower + its aligner (+ attn_pool, codebook_used)
 
 
 def test_image_logits_api(imported, sources):
@@ -130,8 +137,11 @@ def test_original_export_has_hf_names(sources, imported, tmp_path):
     assert r["skipped_aside"] == 239  # VQ / vision tower under original names: left out, with a note
     b = _tensors(back)
     hf = make_janus_checkpoint(tmp_path / "same", layout="hf", tie=False, seed=KINDS["orig_sharded"]["seed"])
-    want = {k: v.detach().numpy() for k, v in hf.state_dict().items()
-            if k.startswith(("model.language_model.", "model.generation_", "lm_head."))}
+    want = {
+        k: v.detach().numpy()
+        for k, v in hf.state_dict().items()
+        if k.startswith(("model.language_model.", "model.generation_", "lm_head."))
+    }
     assert sorted(b) == sorted(want)
     for k, v in want.items():
         assert np.array_equal(b[k], v), k
@@ -148,12 +158,13 @@ def test_one_model_implementation_for_all_families():
     assert "cfg.family" not in src
     branches = [ln for ln in src.splitlines() if ln.strip().startswith(("if ", "elif "))]
     assert not [ln for ln in branches if any(w in ln.lower() for w in ("family", "chameleon", "emu3", "janus"))]
-    assert [n for n, f in inspect.getmembers(M, inspect.isfunction) if n in ("forward", "_layer")] == ["_layer", "forward"]
+    assert [n for n, f in inspect.getmembers(M, inspect.isfunction) if n in ("forward", "_layer")] == [
+        "_layer",
+        "forward",
+    ]
 
 
 # ----------------------------------------------------------------------------- bad input
-
-
 
 
 def _edit_bin(src: Path, dst: Path, edit) -> Path:
@@ -189,18 +200,24 @@ def test_bad_truncated_bin_shard(sources, tmp_path, capsys):
 
 def test_bad_bin_missing_key(sources, tmp_path, capsys):
     src = _edit_bin(sources["orig_bf16_tied"], tmp_path / "s", lambda s: s.pop("gen_head.vision_head.bias"))
-    expect_cli_error(["import", str(src), str(tmp_path / "o")], capsys, "missing keys", "gen_head.vision_head.bias",
-                  "janus/original")
+    expect_cli_error(
+        ["import", str(src), str(tmp_path / "o")], capsys, "missing keys", "gen_head.vision_head.bias", "janus/original"
+    )
 
 
 def test_bad_bin_extra_key(sources, tmp_path, capsys):
-    src = _edit_bin(sources["orig_bf16_tied"], tmp_path / "s",
-                    lambda s: s.update({"language_model.model.layers.0.mlp.extra.weight": torch.ones(2)}))
+    src = _edit_bin(
+        sources["orig_bf16_tied"],
+        tmp_path / "s",
+        lambda s: s.update({"language_model.model.layers.0.mlp.extra.weight": torch.ones(2)}),
+    )
     expect_cli_error(["import", str(src), str(tmp_path / "o")], capsys, "unknown keys", "mlp.extra.weight")
 
 
 def test_bad_bin_wrong_shape(sources, tmp_path, capsys):
-    src = _edit_bin(sources["orig_bf16_tied"], tmp_path / "s", lambda s: s.update({"gen_embed.weight": torch.ones(17, 8)}))
+    src = _edit_bin(
+        sources["orig_bf16_tied"], tmp_path / "s", lambda s: s.update({"gen_embed.weight": torch.ones(17, 8)})
+    )
     expect_cli_error(["import", str(src), str(tmp_path / "o")], capsys, "wrong shapes", "gen_embed.weight", "[17, 8]")
 
 

@@ -13,11 +13,12 @@ pytestmark = pytest.mark.torch
 
 torch = pytest.importorskip("torch")
 
-from helpers import expect_cli_error  # noqa: E402
 from convert.__main__ import main  # noqa: E402
-from sjd2_jax.io.parity import check  # noqa: E402
-from sjd2_jax.io.importer import import_checkpoint  # noqa: E402
 from sjd2_jax.io.exporter import export_checkpoint  # noqa: E402
+from sjd2_jax.io.importer import import_checkpoint  # noqa: E402
+from sjd2_jax.io.parity import check  # noqa: E402
+
+from helpers import expect_cli_error  # noqa: E402
 from synthetic import make_chameleon_checkpoint  # noqa: E402
 
 ODD = dict(hidden_size=48, num_heads=3, num_layers=3, intermediate_size=80, vocab_size=300)
@@ -38,7 +39,9 @@ def sources(tmp_path_factory):
 @pytest.fixture(scope="module")
 def imported(sources, tmp_path_factory):
     root = tmp_path_factory.mktemp("ours")
-    return {k: Path(import_checkpoint(v, root / f"{k[0]}-{int(k[1])}", progress=False)["out"]) for k, v in sources.items()}
+    return {
+        k: Path(import_checkpoint(v, root / f"{k[0]}-{int(k[1])}", progress=False)["out"]) for k, v in sources.items()
+    }
 
 
 @pytest.mark.parametrize("layout", ["hf", "lumina"])
@@ -112,8 +115,9 @@ def test_lumina_export_loads_in_transformers_with_same_logits(sources, imported,
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     d = tmp_path_factory.mktemp("single") / "src"
-    make_chameleon_checkpoint(d, layout="hf", shards=1, hidden_size=32, num_heads=2, num_layers=1,
-                              intermediate_size=48, vocab_size=100)
+    make_chameleon_checkpoint(
+        d, layout="hf", shards=1, hidden_size=32, num_heads=2, num_layers=1, intermediate_size=48, vocab_size=100
+    )
     return d
 
 
@@ -127,8 +131,6 @@ def _rewrite(src: Path, dst: Path, edit) -> Path:
     return dst
 
 
-
-
 def test_bad_missing_key(single, tmp_path, capsys):
     src = _rewrite(single, tmp_path / "s", lambda s: s.pop("model.layers.0.mlp.up_proj.weight"))
     expect_cli_error(["import", str(src), str(tmp_path / "out" / "o")], capsys, "missing keys", "mlp.up_proj")
@@ -136,7 +138,9 @@ def test_bad_missing_key(single, tmp_path, capsys):
 
 
 def test_bad_extra_key(single, tmp_path, capsys):
-    src = _rewrite(single, tmp_path / "s", lambda s: s.update({"model.layers.0.self_attn.extra.weight": np.ones(3, np.float32)}))
+    src = _rewrite(
+        single, tmp_path / "s", lambda s: s.update({"model.layers.0.self_attn.extra.weight": np.ones(3, np.float32)})
+    )
     expect_cli_error(["import", str(src), str(tmp_path / "o")], capsys, "unknown keys", "self_attn.extra.weight")
 
 
@@ -208,8 +212,12 @@ def test_failure_midway_leaves_nothing(single, tmp_path, monkeypatch, capsys):
 
 def test_cli_subprocess_error_is_one_line(tmp_path):
     """The real entry point: exit code 2 and a single error line, no traceback."""
-    r = subprocess.run([sys.executable, "-m", "convert", "import", str(tmp_path / "nope"), str(tmp_path / "o")],
-                       capture_output=True, text=True, cwd=Path(__file__).parents[2])
+    r = subprocess.run(
+        [sys.executable, "-m", "convert", "import", str(tmp_path / "nope"), str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[2],
+    )
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"error: source folder {tmp_path / 'nope'} does not exist"]
     assert not (tmp_path / "o").exists()

@@ -12,12 +12,38 @@ from sjd2_jax.model.cache import KVCache
 from sjd2_jax.model.config import ModelConfig
 
 CFGS = {
-    "chameleon": ModelConfig(family="chameleon", vocab_size=97, hidden_size=48, num_layers=3, num_heads=3,
-                             num_kv_heads=3, intermediate_size=80, qk_norm=True),
-    "lumina_swin": ModelConfig(family="chameleon", vocab_size=97, hidden_size=48, num_layers=2, num_heads=4,
-                               num_kv_heads=4, intermediate_size=64, qk_norm=True, qk_norm_groups=2, swin_norm=True),
-    "llama_gqa": ModelConfig(family="emu3", vocab_size=97, hidden_size=48, num_layers=2, num_heads=6,
-                             num_kv_heads=2, intermediate_size=64, rope_theta=1e6),
+    "chameleon": ModelConfig(
+        family="chameleon",
+        vocab_size=97,
+        hidden_size=48,
+        num_layers=3,
+        num_heads=3,
+        num_kv_heads=3,
+        intermediate_size=80,
+        qk_norm=True,
+    ),
+    "lumina_swin": ModelConfig(
+        family="chameleon",
+        vocab_size=97,
+        hidden_size=48,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=4,
+        intermediate_size=64,
+        qk_norm=True,
+        qk_norm_groups=2,
+        swin_norm=True,
+    ),
+    "llama_gqa": ModelConfig(
+        family="emu3",
+        vocab_size=97,
+        hidden_size=48,
+        num_layers=2,
+        num_heads=6,
+        num_kv_heads=2,
+        intermediate_size=64,
+        rope_theta=1e6,
+    ),
 }
 
 

@@ -6,15 +6,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from helpers import numpy_params
 from sjd2_jax.model import transformer as M
 from sjd2_jax.model.cache import KVCache
 from sjd2_jax.model.config import ModelConfig
-from sjd2_jax.sjd2.masks import (
-    MaskSpec, build_mask, training_mask, window_masks, window_positions, with_timesteps)
+from sjd2_jax.sjd2.masks import MaskSpec, build_mask, training_mask, window_masks, window_positions, with_timesteps
 from sjd2_jax.sjd2.timestep import TIMESTEP_POSITION
+
+from helpers import numpy_params
 
 
 def reference_mask(level, is_ts, segment):
@@ -39,15 +40,20 @@ _build = jax.jit(build_mask)
 
 
 @settings(max_examples=40, deadline=None)
-@given(t=st.sampled_from([1, 6, 17]), k=st.sampled_from([1, 3, 5]),
-       nseg=st.sampled_from([1, 2, 3]), seed=st.integers(0, 2**31 - 1))
+@given(
+    t=st.sampled_from([1, 6, 17]),
+    k=st.sampled_from([1, 3, 5]),
+    nseg=st.sampled_from([1, 2, 3]),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_random_descriptions_match_reference(t, k, nseg, seed):
     rng = np.random.default_rng(seed)
     level = rng.integers(0, k + 1, t)
     is_ts = rng.random(t) < 0.3
     segment = rng.integers(0, nseg, t)
-    got = np.asarray(_build(MaskSpec(jnp.asarray(level, jnp.int32), jnp.asarray(is_ts),
-                                     jnp.asarray(segment, jnp.int32))))
+    got = np.asarray(
+        _build(MaskSpec(jnp.asarray(level, jnp.int32), jnp.asarray(is_ts), jnp.asarray(segment, jnp.int32)))
+    )
     np.testing.assert_array_equal(got, reference_mask(level, is_ts, segment))
 
 
@@ -61,9 +67,12 @@ def test_training_layout_rules(t, k, seed):
     assert mask.shape == (3, t + k, t + k)
     for b in range(3):
         m = mask[b]
-        np.testing.assert_array_equal(m, reference_mask(np.r_[level[b], np.arange(1, k + 1)],
-                                                        np.r_[np.zeros(t, bool), np.ones(k, bool)],
-                                                        np.zeros(t + k, int)))
+        np.testing.assert_array_equal(
+            m,
+            reference_mask(
+                np.r_[level[b], np.arange(1, k + 1)], np.r_[np.zeros(t, bool), np.ones(k, bool)], np.zeros(t + k, int)
+            ),
+        )
         # Timestep tokens see only themselves.
         np.testing.assert_array_equal(m[t:], np.eye(t + k, dtype=bool)[t:])
         # Real tokens: exactly the causal prefix among real tokens.
@@ -84,8 +93,7 @@ def test_window_masks_and_positions():
     np.testing.assert_array_equal(np.asarray(sees_cache), np.r_[np.ones(w), np.zeros(k)][None].repeat(2, 0) > 0)
     for b in range(2):
         spec = with_timesteps(level[b], k)
-        np.testing.assert_array_equal(np.asarray(mask[b]),
-                                      reference_mask(*(np.asarray(a) for a in spec)))
+        np.testing.assert_array_equal(np.asarray(mask[b]), reference_mask(*(np.asarray(a) for a in spec)))
     pos = np.asarray(window_positions(jnp.array([5, 9]), w, k))
     np.testing.assert_array_equal(pos[:, :w], np.array([[5], [9]]) + np.arange(w))
     assert np.all(pos[:, w:] == TIMESTEP_POSITION)
@@ -93,8 +101,16 @@ def test_window_masks_and_positions():
 
 # ------------------------------------------------------------------ with the model
 
-CFG = ModelConfig(family="chameleon", vocab_size=97, hidden_size=48, num_layers=2,
-                  num_heads=3, num_kv_heads=3, intermediate_size=80, qk_norm=True)
+CFG = ModelConfig(
+    family="chameleon",
+    vocab_size=97,
+    hidden_size=48,
+    num_layers=2,
+    num_heads=3,
+    num_kv_heads=3,
+    intermediate_size=80,
+    qk_norm=True,
+)
 
 
 @functools.lru_cache(maxsize=1)
@@ -152,19 +168,23 @@ def test_inference_window_over_cache_equals_one_uncached_pass(window_level):
     pos = jnp.broadcast_to(jnp.arange(prefix + w, dtype=jnp.int32), (b, prefix + w))
     pos_all = jnp.concatenate([pos, jnp.full((b, k), TIMESTEP_POSITION, jnp.int32)], axis=1)
     full_level = jnp.concatenate([jnp.zeros((b, prefix), jnp.int32), level], axis=1)
-    full = _forward(params, CFG, jnp.concatenate([x, ts_x], axis=1), pos_all,
-                    training_mask(full_level, k))
+    full = _forward(params, CFG, jnp.concatenate([x, ts_x], axis=1), pos_all, training_mask(full_level, k))
 
     cached = jax.jit(M.forward, static_argnums=1)
     cache = KVCache.create(CFG, b, capacity=prefix + w + k)
     _, cache = cached(params, CFG, x[:, :prefix], pos[:, :prefix], cache=cache)
     cache = cache.advance(prefix)
     mask, sees_cache = window_masks(level, k)
-    win, _ = cached(params, CFG, jnp.concatenate([x[:, prefix:], ts_x], axis=1),
-                    window_positions(cache.lengths, w, k), mask=mask, cache=cache,
-                    sees_cache=sees_cache)
+    win, _ = cached(
+        params,
+        CFG,
+        jnp.concatenate([x[:, prefix:], ts_x], axis=1),
+        window_positions(cache.lengths, w, k),
+        mask=mask,
+        cache=cache,
+        sees_cache=sees_cache,
+    )
     np.testing.assert_allclose(np.asarray(win), np.asarray(full[:, prefix:]), atol=1e-5, rtol=1e-5)
     if not any(window_level):
         plain = _forward(params, CFG, x, pos, M.causal_mask(b, prefix + w))
-        np.testing.assert_allclose(np.asarray(win[:, :w]), np.asarray(plain[:, prefix:]),
-                                   atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(win[:, :w]), np.asarray(plain[:, prefix:]), atol=1e-5, rtol=1e-5)

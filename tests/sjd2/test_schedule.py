@@ -7,20 +7,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sjd2_jax.sjd2.schedule import (
-    NoiseConfig, add_noise, alpha_sigma, denoise_step, karras_sigmas, level_s, predict_e0,
-    stats_for_config)
+    NoiseConfig,
+    add_noise,
+    alpha_sigma,
+    denoise_step,
+    karras_sigmas,
+    level_s,
+    predict_e0,
+    stats_for_config,
+)
 from sjd2_jax.sjd2.standardize import clean_points, embedding_stats, mean_clean_point
 
-CONFIGS = [NoiseConfig(num_levels=12, parametrization=p, pure_noise_top=top)
-           for p in ("flow", "vp") for top in (True, False)]
+CONFIGS = [
+    NoiseConfig(num_levels=12, parametrization=p, pure_noise_top=top) for p in ("flow", "vp") for top in (True, False)
+]
 
 
 @settings(max_examples=50, deadline=None)
-@given(k=st.integers(2, 64), lo=st.floats(1e-3, 1.0), ratio=st.floats(2.0, 1e4),
-       rho=st.floats(0.5, 10.0))
+@given(k=st.integers(2, 64), lo=st.floats(1e-3, 1.0), ratio=st.floats(2.0, 1e4), rho=st.floats(0.5, 10.0))
 def test_karras_strictly_decreasing_with_exact_endpoints(k, lo, ratio, rho):
     hi = lo * ratio
     s = karras_sigmas(k, lo, hi, rho)
@@ -43,15 +51,18 @@ def test_parametrization_tables(cfg):
     k = cfg.num_levels
     assert a[0] == 1.0 and s[0] == 0.0  # level 0 is clean
     ns = level_s(cfg)
-    np.testing.assert_allclose(ns[1:], karras_sigmas(k, cfg.sigma_min, cfg.sigma_max, cfg.rho)[::-1]
-                               if not cfg.pure_noise_top else
-                               np.r_[karras_sigmas(k, cfg.sigma_min, cfg.sigma_max, cfg.rho)[::-1][:-1], np.inf])
+    np.testing.assert_allclose(
+        ns[1:],
+        karras_sigmas(k, cfg.sigma_min, cfg.sigma_max, cfg.rho)[::-1]
+        if not cfg.pure_noise_top
+        else np.r_[karras_sigmas(k, cfg.sigma_min, cfg.sigma_max, cfg.rho)[::-1][:-1], np.inf],
+    )
     top = k if not cfg.pure_noise_top else k - 1
     # Both forms keep the Karras noise-to-signal ratio sigma / alpha = s.
-    np.testing.assert_allclose(s[1:top + 1] / a[1:top + 1], ns[1:top + 1], rtol=1e-5)
+    np.testing.assert_allclose(s[1 : top + 1] / a[1 : top + 1], ns[1 : top + 1], rtol=1e-5)
     if cfg.parametrization == "flow":
-        t = ns[1:top + 1] / (1 + ns[1:top + 1])
-        np.testing.assert_allclose(s[1:top + 1], t, rtol=1e-6)
+        t = ns[1 : top + 1] / (1 + ns[1 : top + 1])
+        np.testing.assert_allclose(s[1 : top + 1], t, rtol=1e-6)
         np.testing.assert_allclose(a + s, 1.0, rtol=1e-6)
     else:
         np.testing.assert_allclose(a * a + s * s, 1.0, rtol=1e-6)
@@ -116,8 +127,7 @@ def test_denoise_with_true_e0_stays_on_trajectory(cfg, seed):
         lv = jnp.full(shape[:1], k)
         z, new = step(noise(e0, lv, eps, cfg), lv, e0, cfg)
         assert np.all(np.asarray(new) == k - 1)
-        np.testing.assert_allclose(np.asarray(z), np.asarray(noise(e0, lv - 1, eps, cfg)),
-                                   atol=2e-6, rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(z), np.asarray(noise(e0, lv - 1, eps, cfg)), atol=2e-6, rtol=1e-5)
     # A strided step (DDIM over skipped levels) lands on the trajectory two levels down.
     c2 = dataclasses.replace(cfg, denoise_stride=2)
     for k in range(1, kk + 1):
@@ -128,10 +138,9 @@ def test_denoise_with_true_e0_stays_on_trajectory(cfg, seed):
     # A whole chain from the top: errors must not accumulate, and level 0 is exact.
     lv = jnp.full(shape[:1], kk)
     z = noise(e0, lv, eps, cfg)
-    for k in range(kk, 0, -1):
+    for _ in range(kk, 0, -1):
         z, lv = step(z, lv, e0, cfg)
-        np.testing.assert_allclose(np.asarray(z), np.asarray(noise(e0, lv, eps, cfg)),
-                                   atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(z), np.asarray(noise(e0, lv, eps, cfg)), atol=1e-5, rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(z), np.asarray(e0))
 
 
@@ -183,10 +192,12 @@ def test_predict_e0_modes():
     tokens = jnp.array([[1, 5, 29]])
     probs = jax.nn.softmax(jnp.asarray(rng.standard_normal((1, 3, v), np.float32)))
     sample_cfg, mean_cfg = NoiseConfig(), NoiseConfig(e0_hat="mean")
-    np.testing.assert_array_equal(np.asarray(predict_e0(sample_cfg, table, stats, tokens=tokens)),
-                                  np.asarray(clean_points(table, tokens, stats)))
-    np.testing.assert_array_equal(np.asarray(predict_e0(mean_cfg, table, stats, probs=probs)),
-                                  np.asarray(mean_clean_point(table, probs, stats)))
+    np.testing.assert_array_equal(
+        np.asarray(predict_e0(sample_cfg, table, stats, tokens=tokens)), np.asarray(clean_points(table, tokens, stats))
+    )
+    np.testing.assert_array_equal(
+        np.asarray(predict_e0(mean_cfg, table, stats, probs=probs)), np.asarray(mean_clean_point(table, probs, stats))
+    )
     with pytest.raises(ValueError):
         predict_e0(sample_cfg, table, stats, probs=probs)
     with pytest.raises(ValueError):
@@ -219,7 +230,13 @@ def test_config_is_hashable_static_and_validated():
     x = jnp.ones((2, 3))
     f(x, a), f(x, b)
     assert len(traces) == 1  # equal configs do not recompile
-    for bad in (dict(num_levels=0), dict(sigma_min=2.0, sigma_max=1.0), dict(rho=0.0),
-                dict(parametrization="ve"), dict(e0_hat="argmax"), dict(stats="text")):
+    for bad in (
+        dict(num_levels=0),
+        dict(sigma_min=2.0, sigma_max=1.0),
+        dict(rho=0.0),
+        dict(parametrization="ve"),
+        dict(e0_hat="argmax"),
+        dict(stats="text"),
+    ):
         with pytest.raises(ValueError):
             NoiseConfig(**bad)

@@ -3,10 +3,17 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sjd2_jax.sjd2.standardize import (
-    clean_points, embedding_stats, image_rows, mean_clean_point, standardize, unstandardize)
+    clean_points,
+    embedding_stats,
+    image_rows,
+    mean_clean_point,
+    standardize,
+    unstandardize,
+)
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -20,8 +27,7 @@ def random_table(seed, v, d):
 
 
 # Shapes come from small sets so eager JAX reuses its compiled ops; seeds vary freely.
-SHAPES = dict(v=st.sampled_from([2, 7, 64]), d=st.sampled_from([1, 5, 24]),
-              seed=st.integers(0, 2**31 - 1))
+SHAPES = dict(v=st.sampled_from([2, 7, 64]), d=st.sampled_from([1, 5, 24]), seed=st.integers(0, 2**31 - 1))
 
 
 @settings(max_examples=20, deadline=None)
@@ -38,8 +44,7 @@ def test_standardized_table_has_mean_zero_std_one(v, d, seed):
 
 
 # Shapes come from small sets so eager JAX reuses its compiled ops; seeds vary freely.
-SHAPES = dict(v=st.sampled_from([2, 7, 64]), d=st.sampled_from([1, 5, 24]),
-              seed=st.integers(0, 2**31 - 1))
+SHAPES = dict(v=st.sampled_from([2, 7, 64]), d=st.sampled_from([1, 5, 24]), seed=st.integers(0, 2**31 - 1))
 
 
 @settings(max_examples=20, deadline=None)
@@ -80,16 +85,18 @@ def test_clean_and_mean_points_match_numpy_reference():
     np.testing.assert_allclose(np.asarray(stats.std), sd, rtol=1e-5)
     ztab = (table - mu) / sd
     ids = jnp.asarray(np.random.default_rng(3).integers(0, v, size=(3, 5)))
-    np.testing.assert_allclose(np.asarray(clean_points(jnp.asarray(table), ids, stats)),
-                               ztab[np.asarray(ids)], atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(clean_points(jnp.asarray(table), ids, stats)), ztab[np.asarray(ids)], atol=1e-5
+    )
     probs = jax.nn.softmax(jnp.asarray(np.random.default_rng(4).standard_normal((3, 5, v)) * 2.0))
     want = np.asarray(probs, np.float64) @ ztab
     got = np.asarray(mean_clean_point(jnp.asarray(table), probs, stats))
     np.testing.assert_allclose(got, want, atol=1e-5)
     # A one-hot distribution gives that token's clean point.
     onehot = jax.nn.one_hot(ids, v)
-    np.testing.assert_allclose(np.asarray(mean_clean_point(jnp.asarray(table), onehot, stats)),
-                               ztab[np.asarray(ids)], atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(mean_clean_point(jnp.asarray(table), onehot, stats)), ztab[np.asarray(ids)], atol=1e-5
+    )
 
 
 def test_runs_under_jit():
@@ -103,5 +110,4 @@ def test_runs_under_jit():
 
     out, s = f(table, rows)
     np.testing.assert_allclose(np.asarray(out), np.asarray(table), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(s.mean), np.asarray(embedding_stats(table, rows).mean),
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(s.mean), np.asarray(embedding_stats(table, rows).mean), rtol=1e-6, atol=1e-6)

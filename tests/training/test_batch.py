@@ -6,14 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sjd2_jax.sjd2.masks import training_mask
 from sjd2_jax.sjd2.schedule import NoiseConfig, alpha_sigma
 from sjd2_jax.sjd2.standardize import embedding_stats, standardize
 from sjd2_jax.sjd2.timestep import TIMESTEP_POSITION, timestep_embeddings
-from sjd2_jax.training.batch import (
-    TrainBatchConfig, build_training_batch)
+from sjd2_jax.training.batch import TrainBatchConfig, build_training_batch
 
 V, D = 50, 16
 NCFG = NoiseConfig(num_levels=6)
@@ -46,8 +46,7 @@ def _batch(key, ids, image, table, stats, ncfg, bcfg, noisable):
 def run(seed, bcfg, noisable=None):
     ids, image, table = make_data(seed)
     noisable = image if noisable is None else noisable
-    batch = _batch(jax.random.key(seed), ids, image, table, embedding_stats(table), NCFG, bcfg,
-                   noisable)
+    batch = _batch(jax.random.key(seed), ids, image, table, embedding_stats(table), NCFG, bcfg, noisable)
     return batch, (ids, image, table)
 
 
@@ -87,7 +86,7 @@ def test_clean_fraction_and_variety():
     # Binomial(504, 0.3): standard error 0.02; tolerance 5 standard errors.
     assert abs(clean.mean() - MIXED.clean_prob) < 0.1
     noisy = levels[~clean]
-    prefix = np.array([np.argmax(row[m] > 0) for row, m in zip(noisy, image[~clean])])
+    prefix = np.array([np.argmax(row[m] > 0) for row, m in zip(noisy, image[~clean], strict=True)])
     assert (prefix == 0).any() and prefix.max() >= 10  # prefixes vary over the image
     n_levels = np.array([len(np.unique(r[r > 0])) for r in noisy])
     assert (n_levels >= 2).any() and (n_levels == 1).any()
@@ -114,8 +113,9 @@ def test_inputs_targets_and_masks():
     # Clean positions are exactly the token embeddings; timestep tokens their encodings.
     clean = level == 0
     np.testing.assert_array_equal(x[:, :t][clean], np.asarray(table)[ids_np][clean])
-    np.testing.assert_allclose(x[:, t:], np.broadcast_to(np.asarray(timestep_embeddings(k, stats)), (b, k, D)),
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        x[:, t:], np.broadcast_to(np.asarray(timestep_embeddings(k, stats)), (b, k, D)), rtol=1e-6, atol=1e-6
+    )
     # Noisy positions: (standardize(x) - alpha e0) / sigma is N(0, 1) (5 standard errors).
     alpha, sigma = (np.asarray(a, np.float64) for a in alpha_sigma(NCFG))
     e0 = np.asarray(standardize(table[ids], stats), np.float64)
@@ -129,11 +129,11 @@ def test_inputs_targets_and_masks():
     assert abs(resid.var() - 1) < 5 * np.sqrt(2 / n)
 
     # Targets: next clean token; loss only where the target is an image token.
-    np.testing.assert_array_equal(np.asarray(batch.targets)[:, :t - 1], ids_np[:, 1:])
+    np.testing.assert_array_equal(np.asarray(batch.targets)[:, : t - 1], ids_np[:, 1:])
     lm = np.asarray(batch.loss_mask)
-    np.testing.assert_array_equal(lm[:, :t - 1], image_np[:, 1:])
-    assert not lm[:, t - 1:].any()  # last real position and all timestep tokens
-    assert not lm[:, :t - 1][~image_np[:, 1:]].any()  # no prompt or padding targets
+    np.testing.assert_array_equal(lm[:, : t - 1], image_np[:, 1:])
+    assert not lm[:, t - 1 :].any()  # last real position and all timestep tokens
+    assert not lm[:, : t - 1][~image_np[:, 1:]].any()  # no prompt or padding targets
 
     pos = np.asarray(batch.positions)
     np.testing.assert_array_equal(pos[:, :t], np.broadcast_to(np.arange(t), (b, t)))
@@ -147,14 +147,14 @@ def test_inputs_targets_and_masks():
 
 def test_noisable_subset():
     """Structure tokens (every fourth position here) are image targets but never noised."""
-    ids, image, _ = make_data(5)
+    _, image, _ = make_data(5)
     noisable = image & (jnp.arange(T) % 4 != 3)
     batch, _ = run(5, NEVER_CLEAN, noisable)
     level = np.asarray(batch.level)[:, :T]
     assert np.all(level[:, 3::4] == 0) and (level > 0).sum() > B
     for i in range(B):
         check_levels(level[i], np.asarray(noisable[i]), NCFG.num_levels, NEVER_CLEAN.num_segments)
-    np.testing.assert_array_equal(np.asarray(batch.loss_mask)[:, :T - 1], np.asarray(image)[:, 1:])
+    np.testing.assert_array_equal(np.asarray(batch.loss_mask)[:, : T - 1], np.asarray(image)[:, 1:])
 
 
 def test_config_validation():

@@ -30,6 +30,7 @@ N_CODES = 32  # image tokens in the synthetic Lumina vocabulary
 def lumina_ckpt(tmp_path_factory):
     pytest.importorskip("torch")
     from sjd2_jax.io.importer import import_checkpoint
+
     from synthetic import add_layout_tokenizer, make_chameleon_checkpoint
 
     root = tmp_path_factory.mktemp("train_data_ckpt")
@@ -43,8 +44,18 @@ def _record(caption, seed, h=GRID, w=GRID):
     return {"caption": caption, "codes": rng.integers(0, N_CODES, (h, w)).tolist()}
 
 
-CAPTIONS = ["a cat", "", "a red house by the sea at dusk", "x", "two dogs", "a very, very long caption: "
-            "with punctuation!", "snow", "tree", "blue sky", "the end"]
+CAPTIONS = [
+    "a cat",
+    "",
+    "a red house by the sea at dusk",
+    "x",
+    "two dogs",
+    "a very, very long caption: with punctuation!",
+    "snow",
+    "tree",
+    "blue sky",
+    "the end",
+]
 
 
 def _write_jsonl(path, lines):
@@ -79,8 +90,14 @@ def test_prepare_lumina(lumina_ckpt, tmp_path, capsys):
 
     model = P.load_model_meta(lumina_ckpt)
     plan = L.image_plan(model, 64)
-    assert index["plan"] == {"height": 4, "width": 4, "pixel_height": 64, "pixel_width": 64, "prefix_len": 3,
-                             "num_generated": plan.num_generated}
+    assert index["plan"] == {
+        "height": 4,
+        "width": 4,
+        "pixel_height": 64,
+        "pixel_width": 64,
+        "prefix_len": 3,
+        "num_generated": plan.num_generated,
+    }
     ds = D.Dataset(out)
     assert len(ds) == 10 and ds.family == "chameleon"
     cond, _ = L.prompt_ids(model, CAPTIONS, plan)
@@ -94,11 +111,11 @@ def test_prepare_lumina(lumina_ckpt, tmp_path, capsys):
         p = len(cond[k])
         assert n == p + plan.total_tokens
         assert toks[:p].tolist() == cond[k]  # the family prompt template, tokenized
-        assert toks[p: p + 3].tolist() == list(plan.prefix)
+        assert toks[p : p + 3].tolist() == list(plan.prefix)
         np.testing.assert_array_equal(plan.tokens_to_codes(toks[p:n]), np.array(rec["codes"]))
-        assert (kind[:p] == D.KIND_PROMPT).all() and (kind[p: p + 3] == D.KIND_STRUCTURE).all()
-        np.testing.assert_array_equal(kind[p + 3: n], np.where(plan.free, D.KIND_IMAGE, D.KIND_STRUCTURE))
-        assert (kind[p + 3: n] == D.KIND_IMAGE).sum() == GRID * GRID
+        assert (kind[:p] == D.KIND_PROMPT).all() and (kind[p : p + 3] == D.KIND_STRUCTURE).all()
+        np.testing.assert_array_equal(kind[p + 3 : n], np.where(plan.free, D.KIND_IMAGE, D.KIND_STRUCTURE))
+        assert (kind[p + 3 : n] == D.KIND_IMAGE).sum() == GRID * GRID
         assert (toks[n:] == D.PAD_ID).all() and (kind[n:] == D.KIND_PAD).all()
         one = ds[k]
         assert one["length"] == n and one["tokens"].tolist() == toks[:n].tolist()
@@ -128,8 +145,15 @@ def test_prepare_null_caption_is_unconditional(lumina_ckpt, tmp_path, capsys):
     assert uncond[:3] == list(plan.prefix)
     np.testing.assert_array_equal(plan.tokens_to_codes(np.array(uncond)), np.array(records[1]["codes"]))
     # A caption of another type is still a bad record.
-    rc, _, err = _run_main([_write_jsonl(tmp_path / "bad.jsonl", [{"caption": 3, "codes": [[1]]}]),
-                            tmp_path / "d2", "--model", lumina_ckpt], capsys)
+    rc, _, err = _run_main(
+        [
+            _write_jsonl(tmp_path / "bad.jsonl", [{"caption": 3, "codes": [[1]]}]),
+            tmp_path / "d2",
+            "--model",
+            lumina_ckpt,
+        ],
+        capsys,
+    )
     assert rc == 2 and "must be a string or null" in err
 
 
@@ -152,8 +176,10 @@ BAD = {
     "codes_flat": (json.dumps({"caption": "a", "codes": [0] * 16}), "2-D list"),
     "ragged": (json.dumps({"caption": "a", "codes": [[0] * 4, [0] * 4, [0] * 3, [0] * 4]}), "ragged"),
     "float_code": (json.dumps({"caption": "a", "codes": [[0.5] * 4] * 4}), "not an integer"),
-    "out_of_range": (json.dumps({"caption": "a", "codes": [[0] * 4, [0, 0, N_CODES, 0], [0] * 4, [0] * 4]}),
-                     f"code {N_CODES} at [1][2] is out of range [0, {N_CODES})"),
+    "out_of_range": (
+        json.dumps({"caption": "a", "codes": [[0] * 4, [0, 0, N_CODES, 0], [0] * 4, [0] * 4]}),
+        f"code {N_CODES} at [1][2] is out of range [0, {N_CODES})",
+    ),
     "negative": (json.dumps({"caption": "a", "codes": [[-1] * 4] * 4}), "out of range"),
     "other_size": (json.dumps(_record("a", 0, 4, 6)), "4x6 code grid differs from the dataset's 4x4 (set by line 1)"),
     "too_long": (json.dumps(_record("a" * 200, 0)), "exceeds --seq-len 160"),
@@ -193,8 +219,9 @@ def test_prepare_skip_counts_and_lists_lines(lumina_ckpt, tmp_path, capsys):
         bad_lines.append(len(lines))
     src = _write_jsonl(tmp_path / "in.jsonl", lines)
     out = tmp_path / "data"
-    rc, stdout, err = _run_main([src, out, "--model", lumina_ckpt, "--seq-len", 160, "--on-error", "skip",
-                                 "--shard-size", 5], capsys)
+    rc, stdout, err = _run_main(
+        [src, out, "--model", lumina_ckpt, "--seq-len", 160, "--on-error", "skip", "--shard-size", 5], capsys
+    )
     assert rc == 0, err
     assert f"prepared {len(kept)} chameleon records" in stdout
     assert f"skipped {len(bad_lines)} bad records (lines {', '.join(map(str, bad_lines))})" in err
@@ -210,7 +237,7 @@ def test_prepare_skip_counts_and_lists_lines(lumina_ckpt, tmp_path, capsys):
     ds = D.Dataset(out)
     for row, k in enumerate(kept):
         r = ds[row]
-        codes = plan.tokens_to_codes(r["tokens"][-plan.total_tokens:])
+        codes = plan.tokens_to_codes(r["tokens"][-plan.total_tokens :])
         np.testing.assert_array_equal(codes, np.array(json.loads(good[k])["codes"]))
 
 
@@ -232,8 +259,13 @@ def test_prepare_whole_run_errors(lumina_ckpt, tmp_path, capsys):
 
 def test_prepare_cli_help_and_bad_flags(tmp_path):
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "train.prepare", *map(str, args)], cwd=REPO,
-                              capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "train.prepare", *map(str, args)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     r = run("--help")
     assert r.returncode == 0 and r.stderr == ""
@@ -251,20 +283,37 @@ def test_prepare_cli_help_and_bad_flags(tmp_path):
 def _meta_checkpoint(folder, family):
     """A parameter-less checkpoint folder (sjd2_config.json, hf_config.json, tokenizer.json): all that
     prepare reads. Emu3 with the layout vocabulary; Janus-Pro with a fixed 4x4 generation grid."""
-    from synthetic import emu3_layout_vocabulary, janus_vocabulary, write_tokenizer
     from sjd2_jax.io.checkpoint import HF_CONFIG_FILE, write_config
     from sjd2_jax.model.config import ModelConfig
+
+    from synthetic import emu3_layout_vocabulary, janus_vocabulary, write_tokenizer
 
     folder.mkdir()
     if family == "janus":
         vm = janus_vocabulary(128)
-        cfg = ModelConfig(family="janus", vocab_size=128, hidden_size=8, num_layers=1, num_heads=1, num_kv_heads=1,
-                          intermediate_size=8, image_vocab_size=16, image_embed_dim=4)
+        cfg = ModelConfig(
+            family="janus",
+            vocab_size=128,
+            hidden_size=8,
+            num_layers=1,
+            num_heads=1,
+            num_kv_heads=1,
+            intermediate_size=8,
+            image_vocab_size=16,
+            image_embed_dim=4,
+        )
         hf = {"vq_config": {"num_patches": 4}}
     else:
         vm = emu3_layout_vocabulary(V_LM)
-        cfg = ModelConfig(family="emu3", vocab_size=V_LM, hidden_size=8, num_layers=1, num_heads=1, num_kv_heads=1,
-                          intermediate_size=8)
+        cfg = ModelConfig(
+            family="emu3",
+            vocab_size=V_LM,
+            hidden_size=8,
+            num_layers=1,
+            num_heads=1,
+            num_kv_heads=1,
+            intermediate_size=8,
+        )
         hf = {"vocabulary_map": vm}
     write_config(folder, cfg)
     (folder / HF_CONFIG_FILE).write_text(json.dumps(hf))
@@ -283,7 +332,7 @@ def test_prepare_emu3_janus(tmp_path, capsys, family, grid, n_codes):
     bad_grid = {"caption": "a", "codes": np.zeros(other, int).tolist()}
     bad_code = {"caption": "a", "codes": np.full(grid, n_codes).tolist()}
     src = _write_jsonl(tmp_path / "in.jsonl", [bad_grid if family == "janus" else recs[0], *recs, bad_code])
-    rc, stdout, err = _run_main([src, tmp_path / "d", "--model", ckpt, "--on-error", "skip"], capsys)
+    rc, _, err = _run_main([src, tmp_path / "d", "--model", ckpt, "--on-error", "skip"], capsys)
     assert rc == 0, err
     skipped = [1, 5] if family == "janus" else [5]
     assert f"lines {', '.join(map(str, skipped))})" in err
@@ -349,7 +398,7 @@ def test_dataset_reads_shards(ds, tmp_path):
     assert ds[-1]["tokens"][0] == 22000
     with pytest.raises(IndexError):
         ds.gather([23])
-    with pytest.raises(D.DataError, match="no index.json"):
+    with pytest.raises(D.DataError, match=r"no index\.json"):
         D.Dataset(tmp_path)
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "index.json").write_text(json.dumps({"format": "other"}))
@@ -372,7 +421,7 @@ def test_loader_batches_and_masks(ds):
 def test_loader_deterministic_and_seeded(ds):
     a = _take(D.Loader(ds, 4, seed=7), 12)
     b = _take(D.Loader(ds, 4, seed=7), 12)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         _same(x, y)
     c = _take(D.Loader(ds, 4, seed=8), 5)
     assert [x["index"].tolist() for x in a[:5]] != [x["index"].tolist() for x in c]
@@ -380,7 +429,30 @@ def test_loader_deterministic_and_seeded(ds):
     assert [x["index"].tolist() for x in a[:5]] != [x["index"].tolist() for x in a[5:10]]
     # Pinned order: a change here breaks resuming runs from saved loader states.
     assert D.Loader(ds, 4, seed=7).permutation(0).tolist() == [
-        6, 21, 20, 3, 12, 11, 4, 10, 13, 9, 14, 15, 22, 18, 0, 2, 17, 8, 7, 5, 1, 19, 16]
+        6,
+        21,
+        20,
+        3,
+        12,
+        11,
+        4,
+        10,
+        13,
+        9,
+        14,
+        15,
+        22,
+        18,
+        0,
+        2,
+        17,
+        8,
+        7,
+        5,
+        1,
+        19,
+        16,
+    ]
     assert a[0]["index"].tolist() == [6, 21, 20, 3]
     plain = _take(D.Loader(ds, 4, seed=7, shuffle=False), 2)
     assert plain[1]["index"].tolist() == [4, 5, 6, 7]
@@ -417,7 +489,7 @@ def test_loader_restore_continues_exactly(ds, k):
     expected = _take(ref, 8)
     for restored in (D.Loader(ds, 4, seed=11, state=state), D.Loader(ds, 4, seed=11)):
         restored.restore(state)
-        for x, y in zip(expected, _take(restored, 8)):
+        for x, y in zip(expected, _take(restored, 8), strict=True):
             _same(x, y)
 
 
@@ -434,8 +506,10 @@ def test_loader_restore_checks(ds):
 @pytest.mark.parametrize("count", [2, 4])
 def test_loader_process_slices_partition_global_batch(ds, count):
     glob = _take(D.Loader(ds, 8, seed=5, drop_remainder=False), 6)  # 3 epochs, last batches padded
-    parts = [_take(D.Loader(ds, 8, seed=5, drop_remainder=False, process_index=i, process_count=count), 6)
-             for i in range(count)]
+    parts = [
+        _take(D.Loader(ds, 8, seed=5, drop_remainder=False, process_index=i, process_count=count), 6)
+        for i in range(count)
+    ]
     for step, g in enumerate(glob):
         for key in g:
             np.testing.assert_array_equal(np.concatenate([p[step][key] for p in parts]), g[key], err_msg=key)

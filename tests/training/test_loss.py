@@ -6,16 +6,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from helpers import numpy_params
 from sjd2_jax.model import transformer as M
 from sjd2_jax.model.config import ModelConfig
-from sjd2_jax.training.loss import next_token_loss, sjd2_loss, token_cross_entropy, training_loss
 from sjd2_jax.sjd2.schedule import NoiseConfig
 from sjd2_jax.sjd2.standardize import embedding_stats
 from sjd2_jax.training.batch import TrainBatchConfig, build_training_batch
+from sjd2_jax.training.loss import next_token_loss, sjd2_loss, token_cross_entropy, training_loss
 
-CFG = ModelConfig(family="chameleon", vocab_size=97, hidden_size=48, num_layers=2,
-                  num_heads=3, num_kv_heads=3, intermediate_size=80, qk_norm=True)
+from helpers import numpy_params
+
+CFG = ModelConfig(
+    family="chameleon",
+    vocab_size=97,
+    hidden_size=48,
+    num_layers=2,
+    num_heads=3,
+    num_kv_heads=3,
+    intermediate_size=80,
+    qk_norm=True,
+)
 NCFG = NoiseConfig(num_levels=5)
 B, T = 4, 16
 
@@ -36,8 +45,7 @@ def test_loss_and_per_level_metrics_match_numpy():
     level[0, 0], mask[0, 0] = 2, True  # make sure level 2 has a token
     level[level == 3] = 4  # and level 3 has none
     f = jax.jit(next_token_loss, static_argnums=4)
-    loss, m = f(jnp.asarray(logits, jnp.float32), jnp.asarray(targets), jnp.asarray(mask),
-                jnp.asarray(level), k)
+    loss, m = f(jnp.asarray(logits, jnp.float32), jnp.asarray(targets), jnp.asarray(mask), jnp.asarray(level), k)
     ce = -np.take_along_axis(np_log_softmax(logits), targets[..., None], -1)[..., 0]
     np.testing.assert_allclose(float(loss), ce[mask].mean(), rtol=1e-5)
     assert float(m["num_tokens"]) == mask.sum()
@@ -47,9 +55,12 @@ def test_loss_and_per_level_metrics_match_numpy():
         want = ce[sel].mean() if sel.any() else 0.0
         np.testing.assert_allclose(float(m["per_level_loss"][lv]), want, rtol=1e-5)
     assert float(m["per_level_count"][3]) == 0
-    np.testing.assert_allclose(np.asarray(token_cross_entropy(jnp.asarray(logits, jnp.float32),
-                                                              jnp.asarray(targets))), ce,
-                               rtol=1e-5, atol=2e-6)  # lse - logit cancels for small values
+    np.testing.assert_allclose(
+        np.asarray(token_cross_entropy(jnp.asarray(logits, jnp.float32), jnp.asarray(targets))),
+        ce,
+        rtol=1e-5,
+        atol=2e-6,
+    )  # lse - logit cancels for small values
 
 
 @functools.lru_cache(maxsize=1)
@@ -83,7 +94,8 @@ def test_equals_plain_ar_cross_entropy_when_clean():
     loss, metrics = _loss(params, CFG, batch, NCFG.num_levels)
     # Plain AR: causal pass over the tokens alone, targets = next token, image targets only.
     hidden, _ = jax.jit(M.forward, static_argnums=1)(
-        params, CFG, M.embed(params, CFG, ids), jnp.broadcast_to(jnp.arange(T), (B, T)))
+        params, CFG, M.embed(params, CFG, ids), jnp.broadcast_to(jnp.arange(T), (B, T))
+    )
     logp = np_log_softmax(M.lm_logits(params, CFG, hidden))
     ids_np, image_np = np.asarray(ids), np.asarray(image)
     nll = -np.take_along_axis(logp[:, :-1], ids_np[:, 1:, None], -1)[..., 0]
@@ -97,7 +109,7 @@ def test_gradient_finite_and_nonzero_on_noisy_positions():
     params, ids, image, stats = _setup()
     batch = _batch(jax.random.key(3), ids, image, params, stats, image)
     level = np.asarray(batch.level)
-    assert (level[:, :T - 1] > 0).sum() >= B  # noisy positions with a loss
+    assert (level[:, : T - 1] > 0).sum() >= B  # noisy positions with a loss
 
     def f(inputs):
         return _loss(params, CFG, batch._replace(inputs=inputs), NCFG.num_levels)[0]
@@ -105,11 +117,11 @@ def test_gradient_finite_and_nonzero_on_noisy_positions():
     g = np.asarray(jax.jit(jax.grad(f))(batch.inputs))
     assert np.all(np.isfinite(g))
     gnorm = np.linalg.norm(g, axis=-1)  # [B, T + K]
-    noisy = level[:, :T - 1] > 0  # the last real position has no loss and no later reader
-    assert np.all(gnorm[:, :T - 1][noisy] > 1e-7)
+    noisy = level[:, : T - 1] > 0  # the last real position has no loss and no later reader
+    assert np.all(gnorm[:, : T - 1][noisy] > 1e-7)
     # A timestep token has gradient exactly when its level is present among the noisy inputs.
     for b in range(B):
-        present = set(level[b, :T - 1][level[b, :T - 1] > 0])
+        present = set(level[b, : T - 1][level[b, : T - 1] > 0])
         for j in range(NCFG.num_levels):
             if j + 1 in present:
                 assert gnorm[b, T + j] > 0

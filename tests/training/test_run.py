@@ -12,18 +12,27 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import numpy_params
 from sjd2_jax.io import checkpoint as ckpt
+from sjd2_jax.model import sharding as SH
 from sjd2_jax.model.config import ModelConfig
 from sjd2_jax.sjd2.standardize import embedding_stats
-from sjd2_jax.model import sharding as SH
 from sjd2_jax.training.data import DatasetWriter
 from sjd2_jax.training.run import run
 from sjd2_jax.training.step import TrainConfig, build_step, init_state, state_shardings
 
+from helpers import numpy_params
+
 ROOT = Path(__file__).parents[2]
-CFG = ModelConfig(family="chameleon", vocab_size=64, hidden_size=48, num_layers=2, num_heads=4, num_kv_heads=4,
-                  intermediate_size=64, qk_norm=True)
+CFG = ModelConfig(
+    family="chameleon",
+    vocab_size=64,
+    hidden_size=48,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=4,
+    intermediate_size=64,
+    qk_norm=True,
+)
 TC = dict(lr=3e-3, compute_dtype="float32", levels=3, warmup=2)
 
 
@@ -60,14 +69,18 @@ def test_sharded_step_equals_single_device(assets):
     im[:, :4] = False
     tc = TrainConfig(steps=3, batch_size=8, **TC)
     out = {}
-    for name, sizes, devs in [("one", {"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]),
-                              ("mesh", {"data": 2, "fsdp": 2, "tensor": 2}, jax.devices())]:
+    for name, sizes, devs in [
+        ("one", {"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]),
+        ("mesh", {"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()),
+    ]:
         mesh = SH.make_mesh(sizes, devs)
         ssh, _ = state_shardings(CFG, tc, mesh)
         state = init_state(params, CFG, tc, ssh)
         step = build_step(CFG, tc, mesh, ssh)
-        batch = {k: jax.device_put(v, SH.batch_sharding(mesh)) for k, v in
-                 {"tokens": tok, "image_mask": im, "noisable": im}.items()}
+        batch = {
+            k: jax.device_put(v, SH.batch_sharding(mesh))
+            for k, v in {"tokens": tok, "image_mask": im, "noisable": im}.items()
+        }
         stats_r = jax.device_put(stats, SH.replicated(mesh))
         losses = []
         for _ in range(2):
@@ -78,7 +91,7 @@ def test_sharded_step_equals_single_device(assets):
             assert state.params["layers"][0]["q"].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
     # float32 with highest-precision matmuls; only the reduction order differs across shards.
     np.testing.assert_allclose(out["one"][1], out["mesh"][1], rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(out["one"][0]), jax.tree.leaves(out["mesh"][0])):
+    for a, b in zip(jax.tree.leaves(out["one"][0]), jax.tree.leaves(out["mesh"][0]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
@@ -107,12 +120,24 @@ def test_loss_goes_down_and_final_checkpoint_loads(assets, tmp_path):
 
 
 def _cli(args, env_extra=None, **kw):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(ROOT),
-               JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,  # share compilations
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        PYTHONPATH=str(ROOT),
+        JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,  # share compilations
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
     env.update(env_extra or {})
-    return subprocess.Popen([sys.executable, "-m", "train", *map(str, args)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "train", *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def _wait_for_steps(metrics: Path, n: int, proc, timeout=240):
@@ -128,10 +153,30 @@ def _wait_for_steps(metrics: Path, n: int, proc, timeout=240):
 
 def test_resume_after_sigkill_is_exact(assets, tmp_path):
     md, data = assets
-    common = ["--model", md, "--data", data, "--batch-size", 8, "--lr", 3e-3, "--compute-dtype", "float32",
-              "--levels", 3, "--warmup", 2, "--mesh", "data=2,fsdp=2,tensor=2", "--steps", 10, "--save-every", 3]
+    common = [
+        "--model",
+        md,
+        "--data",
+        data,
+        "--batch-size",
+        8,
+        "--lr",
+        3e-3,
+        "--compute-dtype",
+        "float32",
+        "--levels",
+        3,
+        "--warmup",
+        2,
+        "--mesh",
+        "data=2,fsdp=2,tensor=2",
+        "--steps",
+        10,
+        "--save-every",
+        3,
+    ]
     # Relative paths (from the trainer's cwd) must work too: orbax itself needs absolute ones.
-    rel = lambda p: os.path.relpath(p, ROOT)  # noqa: E731
+    rel = lambda p: os.path.relpath(p, ROOT)
     straight = _cli([*[rel(a) if isinstance(a, Path) else a for a in common], "--out", rel(tmp_path / "a")])
     assert straight.wait(timeout=600) == 0, straight.communicate()
     victim = _cli([*common, "--out", tmp_path / "b"])
@@ -148,14 +193,32 @@ def test_resume_after_sigkill_is_exact(assets, tmp_path):
     assert [x["loss"] for x in la] == [x["loss"] for x in lb]  # same data order, same noise
     pa = ckpt.load_params(tmp_path / "a" / "final", CFG)
     pb = ckpt.load_params(tmp_path / "b" / "final", CFG)
-    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_sigterm_saves_and_corrupt_latest_falls_back(assets, tmp_path):
     md, data = assets
-    common = ["--model", md, "--data", data, "--batch-size", 8, "--lr", 3e-3, "--compute-dtype", "float32",
-              "--levels", 3, "--steps", 400, "--save-every", 1000, "--out", tmp_path / "r"]
+    common = [
+        "--model",
+        md,
+        "--data",
+        data,
+        "--batch-size",
+        8,
+        "--lr",
+        3e-3,
+        "--compute-dtype",
+        "float32",
+        "--levels",
+        3,
+        "--steps",
+        400,
+        "--save-every",
+        1000,
+        "--out",
+        tmp_path / "r",
+    ]
     p = _cli(common)
     _wait_for_steps(tmp_path / "r" / "metrics.jsonl", 5, p)
     p.send_signal(signal.SIGTERM)
@@ -190,10 +253,10 @@ def test_plan_reports_memory_without_allocating(assets):
 
 def test_cli_errors_are_one_line(assets, tmp_path):
     p = _cli(["--model", assets[0], "--out", tmp_path / "x"])
-    out, err = p.communicate(timeout=120)
+    _, err = p.communicate(timeout=120)
     assert p.returncode == 2 and err.strip().splitlines() == ["error: missing --data (see --help)"]
     p = _cli(["--model", assets[0], "--data", tmp_path, "--out", tmp_path / "x"])
-    out, err = p.communicate(timeout=120)
+    _, err = p.communicate(timeout=120)
     assert p.returncode == 2 and err.strip().startswith("error: ") and "prepared dataset" in err
 
 
@@ -216,17 +279,26 @@ def test_finetuned_checkpoint_exports_to_transformers(tmp_path):
 
     from sjd2_jax.io.exporter import export_checkpoint
     from sjd2_jax.io.importer import import_checkpoint
+
     from synthetic import make_chameleon_checkpoint
 
-    make_chameleon_checkpoint(tmp_path / "src", layout="hf", num_layers=1, hidden_size=32, num_heads=2,
-                              intermediate_size=48, vocab_size=64)
+    make_chameleon_checkpoint(
+        tmp_path / "src", layout="hf", num_layers=1, hidden_size=32, num_heads=2, intermediate_size=48, vocab_size=64
+    )
     import_checkpoint(tmp_path / "src", tmp_path / "model", progress=False)
-    r = run(tmp_path / "model", make_data(tmp_path / "data", n=16), tmp_path / "run",
-            TrainConfig(steps=2, batch_size=8, **TC), save_every=10, progress=False)
+    r = run(
+        tmp_path / "model",
+        make_data(tmp_path / "data", n=16),
+        tmp_path / "run",
+        TrainConfig(steps=2, batch_size=8, **TC),
+        save_every=10,
+        progress=False,
+    )
     export_checkpoint(r["final"], tmp_path / "hf")
     tm = ChameleonForConditionalGeneration.from_pretrained(str(tmp_path / "hf"))
-    import sjd2_jax
     import torch
+
+    import sjd2_jax
 
     ours = sjd2_jax.load(r["final"])
     ids = np.random.default_rng(0).integers(10, 60, (1, 20))
