@@ -48,7 +48,7 @@ def reference_model(src: Path):
         elif ".k_norm." in k:
             v = v.repeat_interleave(KV // v.shape[0], dim=0)
         state[k] = v
-    missing, unexpected = model.load_state_dict(state, strict=True)
+    missing, unexpected = model.load_state_dict(state, strict=False)
     lm_missing = [k for k in missing if not k.startswith("model.vqmodel.")]
     if lm_missing or unexpected:
         raise F.ConversionError(f"reference model: missing {lm_missing[:8]}, unexpected {unexpected[:8]}")
@@ -120,7 +120,7 @@ def _janus_reference(src: Path, hf: dict):
     model = JanusForConditionalGeneration(jc).float().eval()
     state = _load_state(src)
     renamed = {e.hf: state[e.src] for e in ours.entries(cfg, layout)}
-    missing, unexpected = model.load_state_dict(renamed, strict=True)
+    missing, unexpected = model.load_state_dict(renamed, strict=False)
     bad = [
         k
         for k in missing
