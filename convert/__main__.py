@@ -88,5 +88,10 @@ def main(argv=None) -> int:
         return 130
 
 
+def console_main() -> None:
+    """Entry point of the installed console script."""
+    sys.exit(main())
+
+
 if __name__ == "__main__":
     sys.exit(main())
