@@ -246,6 +246,7 @@ def test_infer_unknown_flag_is_a_usage_message():
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow  # about a minute: the whole build pipeline at toy size (python -m pytest -m slow)
 def test_build_script_runs_end_to_end(tmp_path):
     """scripts/build_demo.py at toy size: codec, tokenizer, init, prepare, AR run, SJD2 run, build_info."""
     work = tmp_path / "work"
