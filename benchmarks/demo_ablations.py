@@ -1,4 +1,4 @@
-"""Ablations of the SJD2 switches (DESIGN.md 1.3) on the bundled MNIST demo model.
+"""Ablations of the SJD2 switches (docs/design.md section 1) on the bundled MNIST demo model.
 
     python -m benchmarks.demo_ablations [--per-digit 10] [--seeds 0 1] \
         [--model-variant vp=build/demo/sjd2-vp/final --model-variant k10=build/demo/sjd2-k10/final]

@@ -1,4 +1,4 @@
-"""SJD2 attention masks from a compact per-position description (DESIGN.md 1.3).
+"""SJD2 attention masks from a compact per-position description (docs/design.md section 1).
 
 Each position of a sequence is described by (level, is_timestep, segment):
 level 0 = clean, 1..K = noisy (for a timestep token: the level it serves),

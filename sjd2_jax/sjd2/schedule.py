@@ -1,4 +1,4 @@
-"""Noise schedule, forward noising and the deterministic denoise step (DESIGN.md 1.3).
+"""Noise schedule, forward noising and the deterministic denoise step (docs/design.md section 1).
 
 Level convention (used across the package): levels are integers 0..K.
 Level 0 is clean; levels 1..K are the K noisy levels, K the noisiest. The K
@@ -17,7 +17,7 @@ can start fresh positions from plain Gaussian noise with no train/test gap.
 A point at level k is z_k = alpha_k e0 + sigma_k eps in the standardized
 space. One DDIM step from k to k - 1 with a predicted clean point e0_hat:
     z_{k-1} = r z_k + (alpha_{k-1} - alpha_k r) e0_hat,   r = sigma_{k-1} / sigma_k,
-which is DESIGN.md's formula with alpha_k factored in, so it stays finite when
+which is docs/design.md's DDIM step with alpha_k factored in, so it stays finite when
 alpha_k = 0. At k = 1, r = 0 and alpha_0 = 1: the result is exactly e0_hat.
 """
 

@@ -1,4 +1,4 @@
-"""Embedding standardization (DESIGN.md 1.3).
+"""Embedding standardization (docs/design.md section 1).
 
 SJD2 noises token embeddings in a standardized space: per dimension, the rows
 of the input embedding table E [V, D] are shifted by their mean and divided by

@@ -1,4 +1,4 @@
-"""Timestep tokens: the input embedding that tells the model a noise level (DESIGN.md 1.3).
+"""Timestep tokens: the input embedding that tells the model a noise level (docs/design.md section 1).
 
 A timestep token's embedding is a sinusoidal encoding of its level index,
 built in the standardized space and mapped back with mu + sd * z, so it has

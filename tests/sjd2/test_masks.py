@@ -19,7 +19,7 @@ from helpers import numpy_params
 
 
 def reference_mask(level, is_ts, segment):
-    """The rules of DESIGN.md 1.3 as a plain double loop."""
+    """The rules of docs/design.md section 1 as a plain double loop."""
     t = len(level)
     out = np.zeros((t, t), bool)
     for i in range(t):

@@ -146,7 +146,7 @@ def test_denoise_with_true_e0_stays_on_trajectory(cfg, seed):
 
 @pytest.mark.parametrize("cfg", CONFIGS)
 def test_denoise_step_is_designs_formula(cfg):
-    """DESIGN.md's literal update, in float64, for an arbitrary prediction, wherever
+    """docs/design.md's denoise update, in float64, for an arbitrary prediction, wherever
     alpha_k > 0 (at a pinned top level the formula needs alpha_k factored in)."""
     rng = np.random.default_rng(11)
     kk = cfg.num_levels
