@@ -97,12 +97,12 @@ class PatchCodec:
             if meta.get("kind") != KIND:
                 raise ValueError(f"unknown codec kind {meta.get('kind')!r}")
             book = np.load(folder / meta["codebook"], allow_pickle=False).astype(np.float32)
-            grid = tuple(int(g) for g in meta["grid"])
+            grid_h, grid_w = (int(g) for g in meta["grid"])
         except (OSError, KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{folder / CODEC_FILE}: unreadable image codec ({e})") from None
         if book.ndim != 3 or book.shape[1] != book.shape[2] or book.shape[1] != int(meta["patch_size"]):
             raise ValueError(f"{folder / CODEC_FILE}: codebook shape {book.shape} does not match patch_size")
-        return cls(book, grid)
+        return cls(book, (grid_h, grid_w))
 
 
 def load_codec(folder, meta: dict | None = None) -> PatchCodec:
@@ -140,7 +140,7 @@ def fit_patch_codec(
     """k-means (k-means++ seeding, Lloyd iterations) on a random sample of the images' patches."""
     x = _as_unit(images)
     patches = _patches(x, patch_size)
-    grid = tuple(int(g) for g in patches.shape[-3:-1])
+    grid = (int(patches.shape[-3]), int(patches.shape[-2]))
     flat = patches.reshape(-1, patch_size * patch_size).astype(np.float64)
     rng = np.random.default_rng(seed)
     if len(flat) > sample:

@@ -58,7 +58,8 @@ def make_mesh(sizes: dict[str, int], devices=None) -> Mesh:
 
 def spec_for(shape, axes, mesh: Mesh, notes: list | None = None) -> PartitionSpec:
     """PartitionSpec for one array from its logical axes; refuses two dims on one mesh axis."""
-    out, used = [], set()
+    out: list[str | tuple[str, ...] | None] = []
+    used: set[str] = set()
     for dim, logical in zip(shape, axes, strict=True):
         target = RULES.get(logical)
         names = (target,) if isinstance(target, str) else tuple(target or ())
