@@ -21,8 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sjd2_jax.model.attention import AttentionConfig, masked_attention
 from sjd2_jax.model.cache import KVCache, write_rows
 from sjd2_jax.model.config import ModelConfig
+from sjd2_jax.sjd2.masks import MaskSpec
 
 Params = dict[str, Any]
 
@@ -202,7 +204,10 @@ def cache_visibility(mask: jax.Array, sees_cache: jax.Array, lengths: jax.Array,
 
 
 def _layer(cfg: ModelConfig, p: Params, x, positions, kv_fn):
-    """One decoder layer; `kv_fn(k, v) -> (keys, values, visible)` handles caching."""
+    """One decoder layer; `kv_fn(k, v) -> (keys, values, visible)` handles caching.
+
+    visible is a bool mask [B, T, S] or a function (q, keys, values) -> attention output.
+    """
     B, T, _ = x.shape
     hd = cfg.hd
     with jax.named_scope("attention"):
@@ -216,13 +221,19 @@ def _layer(cfg: ModelConfig, p: Params, x, positions, kv_fn):
         q = rope(q, positions, cfg.rope_theta)
         k = rope(k, positions, cfg.rope_theta)
         keys, values, visible = kv_fn(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
-        a = linear(attention(q, keys, values, visible).reshape(B, T, -1), p["o"])
+        attn = visible(q, keys, values) if callable(visible) else attention(q, keys, values, visible)
+        a = linear(attn.reshape(B, T, -1), p["o"])
         x = x + (rms_norm(a, p["attn_norm"], cfg.rms_norm_eps) if cfg.swin_norm else a)
     with jax.named_scope("mlp"):
         h = x if cfg.swin_norm else rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
         m = linear(jax.nn.silu(linear(h, p["gate"])) * linear(h, p["up"]), p["down"])
         x = x + (rms_norm(m, p["mlp_norm"], cfg.rms_norm_eps) if cfg.swin_norm else m)
     return x
+
+
+# remat name -> jax.checkpoint policy (None = save nothing; False = no checkpoint at all)
+_REMAT_POLICIES = {"none": False, "full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+REMAT_MODES = tuple(_REMAT_POLICIES)
 
 
 def embed(params: Params, cfg: ModelConfig, token_ids: jax.Array) -> jax.Array:
@@ -238,7 +249,9 @@ def forward(
     mask: jax.Array | None = None,
     cache: KVCache | None = None,
     sees_cache: jax.Array | None = None,
-    remat: bool = False,
+    remat: bool | str = False,
+    mask_spec: MaskSpec | None = None,
+    attention_cfg: AttentionConfig | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """Run the decoder on input embeddings.
 
@@ -247,21 +260,34 @@ def forward(
     new token s (default causal). With a cache, the new keys/values are written at
     slots lengths[b] + [0, T) and queries also see the committed prefix where
     sees_cache [B, T] (default all True). lengths are not advanced (see cache.py).
-    remat (training, no cache) recomputes each layer's activations in the backward pass.
+    remat (training, no cache): "full" / True recomputes each layer's activations in the
+    backward pass, "dots" keeps the projection matmul outputs and recomputes the rest,
+    "none" / False keeps everything.
+    mask_spec (no cache; instead of mask): the per-position description [B, T] of the
+    mask (sjd2/masks.py), attended by `attention_cfg`'s backend (default chunked) so no
+    [T, T] array need exist (model/attention.py).
     Returns the final-normed hidden states [B, T, D] and the updated cache.
     """
     B, T, _ = inputs_embeds.shape
-    if mask is None:
+    if mask_spec is not None and (mask is not None or cache is not None):
+        raise ValueError("mask_spec replaces mask and works without a cache")
+    if mask is None and mask_spec is None:
         mask = causal_mask(B, T)
     x = inputs_embeds.astype(cfg.jnp_dtype)
-    if cache is not None:
+    if cache is not None and mask is not None:  # (mask_spec never comes with a cache)
         sc = jnp.ones((B, T), bool) if sees_cache is None else sees_cache
         visible = cache_visibility(mask, sc, cache.lengths, cache.capacity)
     # Layer i's keys/values go into slice i of the stacked cache in place (no re-stacking copy).
     kv = {"k": cache.k, "v": cache.v} if cache is not None else None
     for i, p in enumerate(params["layers"]):
         with jax.named_scope(f"layer_{i}"):
-            if cache is None:
+            if mask_spec is not None:
+                acfg = attention_cfg or AttentionConfig()
+
+                def kv_fn(k, v, acfg=acfg):
+                    return k, v, lambda q_, k_, v_: masked_attention(q_, k_, v_, mask_spec, config=acfg)
+
+            elif cache is None:
 
                 def kv_fn(k, v):
                     return k, v, mask
@@ -275,9 +301,11 @@ def forward(
                     kv["v"] = kv["v"].at[i].set(cv)
                     return ck, cv, visible
 
-            if remat and cache is None:
-                # Training: keep only layer inputs for the backward pass, recompute the rest.
-                x = jax.checkpoint(lambda p_, x_, pos_: _layer(cfg, p_, x_, pos_, kv_fn))(p, x, positions)
+            policy = _REMAT_POLICIES[remat if isinstance(remat, str) else ("full" if remat else "none")]
+            if policy is not False and cache is None:
+                # Training: keep only layer inputs (and with "dots" the projections) for the backward pass.
+                layer = lambda p_, x_, pos_: _layer(cfg, p_, x_, pos_, kv_fn)
+                x = jax.checkpoint(layer, policy=policy)(p, x, positions)
             else:
                 x = _layer(cfg, p, x, positions, kv_fn)
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)

@@ -1,4 +1,4 @@
-"""Training sequences for next-clean-token prediction (DESIGN.md 1.3, "Training").
+"""Training sequences for next-clean-token prediction (docs/design.md section 1, "Training").
 
 From a (prompt, image tokens) sequence of fixed length T:
 1. with probability `clean_prob` the whole sequence stays clean (keeps AR ability);
@@ -26,7 +26,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from sjd2_jax.sjd2.masks import training_mask
+from sjd2_jax.sjd2.masks import MaskSpec
 from sjd2_jax.sjd2.schedule import NoiseConfig, add_noise
 from sjd2_jax.sjd2.standardize import EmbedStats, standardize, unstandardize
 from sjd2_jax.sjd2.timestep import TIMESTEP_POSITION, timestep_embeddings, timestep_levels
@@ -47,18 +47,27 @@ class TrainBatchConfig:
 
 
 class TrainingExample(NamedTuple):
-    """Model inputs and targets; leading [B] when batched, L = T + K."""
+    """Model inputs and targets; leading [B] when batched, L = T + K.
+
+    The attention mask is never stored: `spec` describes it per position (level,
+    is_timestep, segment; sjd2/masks.py), and `build_mask(example.spec)` gives the
+    [L, L] array where one is wanted.
+    """
 
     inputs: jax.Array  # [L, D] input embeddings (table dtype)
     positions: jax.Array  # int32 [L]: 0..T-1, then TIMESTEP_POSITION
-    mask: jax.Array  # bool [L, L], True = query row may attend key column
     targets: jax.Array  # int32 [L]: next clean token id (0 where unused)
     loss_mask: jax.Array  # bool [L]
     level: jax.Array  # int32 [L]: input noise level; for timestep tokens the level served
     is_timestep: jax.Array  # bool [L]
+    segment: jax.Array  # int32 [L]: packed-sequence id (0: one sequence per row)
+
+    @property
+    def spec(self) -> MaskSpec:
+        return MaskSpec(self.level, self.is_timestep, self.segment)
 
 
-def _uniform_int(u: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
+def _uniform_int(u: jax.Array, lo: jax.Array | int, hi: jax.Array | int) -> jax.Array:
     """Integers uniform in [lo, hi) from uniforms u in [0, 1) (clipped against float rounding)."""
     return jnp.minimum(lo + jnp.floor(u * (hi - lo)).astype(jnp.int32), hi - 1)
 
@@ -113,11 +122,11 @@ def build_training_example(
     return TrainingExample(
         inputs=inputs,
         positions=positions,
-        mask=training_mask(level, kk),
         targets=targets,
         loss_mask=loss_mask,
         level=jnp.concatenate([level, timestep_levels(kk)]),
         is_timestep=jnp.concatenate([jnp.zeros((t,), jnp.bool_), jnp.ones((kk,), jnp.bool_)]),
+        segment=jnp.zeros((t + kk,), jnp.int32),
     )
 
 

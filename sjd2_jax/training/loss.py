@@ -1,4 +1,4 @@
-"""Next-clean-token loss (DESIGN.md 1.3, "Training").
+"""Next-clean-token loss (docs/design.md section 1, "Training").
 
 Plain cross-entropy against the next clean token id over the positions of the
 loss mask, averaged over those positions. As a metric it is also split by the
@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from sjd2_jax.model import transformer as M
+from sjd2_jax.model.attention import AttentionConfig
 from sjd2_jax.model.config import ModelConfig
 from sjd2_jax.sjd2.schedule import NoiseConfig
 from sjd2_jax.sjd2.standardize import EmbedStats
@@ -53,14 +54,21 @@ def next_token_loss(
 
 
 def sjd2_loss(
-    params: M.Params, cfg: ModelConfig, batch: TrainingExample, num_levels: int, remat: bool = False
+    params: M.Params,
+    cfg: ModelConfig,
+    batch: TrainingExample,
+    num_levels: int,
+    remat: bool | str = False,
+    attention: AttentionConfig | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Forward the model on a batched TrainingExample and take `next_token_loss`.
 
-    cfg and num_levels are static; differentiate with respect to params (or the
-    batch inputs) with jax.grad(..., has_aux=True).
+    cfg, num_levels, remat and attention (default: chunked) are static; differentiate
+    with respect to params (or the batch inputs) with jax.grad(..., has_aux=True).
     """
-    hidden, _ = M.forward(params, cfg, batch.inputs, batch.positions, mask=batch.mask, remat=remat)
+    hidden, _ = M.forward(
+        params, cfg, batch.inputs, batch.positions, mask_spec=batch.spec, remat=remat, attention_cfg=attention
+    )
     logits = M.lm_logits(params, cfg, hidden)
     return next_token_loss(logits, batch.targets, batch.loss_mask, batch.level, num_levels)
 
@@ -75,7 +83,8 @@ def training_loss(
     noise_cfg: NoiseConfig,
     batch_cfg: TrainBatchConfig,
     noisable: jax.Array | None = None,
-    remat: bool = False,
+    remat: bool | str = False,
+    attention: AttentionConfig | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Build the noised batch from params["embed"] and take `sjd2_loss`, in one traceable call,
     so the embedding table also gets gradient through the (noisy) inputs.
@@ -83,4 +92,4 @@ def training_loss(
     ids, image_mask [B, T]; stats are usually the frozen pretrained-table statistics.
     """
     batch = build_training_batch(key, ids, image_mask, params["embed"], stats, noise_cfg, batch_cfg, noisable)
-    return sjd2_loss(params, cfg, batch, noise_cfg.num_levels, remat)
+    return sjd2_loss(params, cfg, batch, noise_cfg.num_levels, remat, attention)

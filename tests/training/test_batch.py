@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sjd2_jax.sjd2.masks import training_mask
+from sjd2_jax.sjd2.masks import build_mask, training_mask
 from sjd2_jax.sjd2.schedule import NoiseConfig, alpha_sigma
 from sjd2_jax.sjd2.standardize import embedding_stats, standardize
 from sjd2_jax.sjd2.timestep import TIMESTEP_POSITION, timestep_embeddings
@@ -103,8 +103,8 @@ def test_inputs_targets_and_masks():
     batch, (ids, image, table) = run(3, MIXED)
     stats = embedding_stats(table)
     L = t + k
-    assert batch.inputs.shape == (b, L, D) and batch.mask.shape == (b, L, L)
-    for a in (batch.positions, batch.targets, batch.loss_mask, batch.level, batch.is_timestep):
+    assert batch.inputs.shape == (b, L, D) and build_mask(batch.spec).shape == (b, L, L)
+    for a in (batch.positions, batch.targets, batch.loss_mask, batch.level, batch.is_timestep, batch.segment):
         assert a.shape == (b, L)
     ids_np, image_np = np.asarray(ids), np.asarray(image)
     level = np.asarray(batch.level)[:, :t]
@@ -140,7 +140,7 @@ def test_inputs_targets_and_masks():
     assert np.all(pos[:, t:] == TIMESTEP_POSITION)
     np.testing.assert_array_equal(np.asarray(batch.is_timestep), np.arange(L)[None].repeat(b, 0) >= t)
     np.testing.assert_array_equal(np.asarray(batch.level)[:, t:], np.broadcast_to(np.arange(1, k + 1), (b, k)))
-    np.testing.assert_array_equal(np.asarray(batch.mask), np.asarray(training_mask(jnp.asarray(level), k)))
+    np.testing.assert_array_equal(np.asarray(build_mask(batch.spec)), np.asarray(training_mask(jnp.asarray(level), k)))
     # Rows draw independent noise: no two noisy rows share their levels and inputs.
     assert len({x[i].tobytes() for i in range(b)}) == b
 
