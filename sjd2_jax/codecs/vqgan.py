@@ -144,13 +144,13 @@ def load_codec(folder, meta: dict) -> NeuralCodec:
         KIND,
         int(meta["pixels_per_code"]),
         int(meta["num_codes"]),
-        _grid(meta),
+        meta_grid(meta),
         codec_file_names(),
         lambda: build_chameleon(read_codec_tensors(folder, meta), meta.get("dtype", "float32"), str(folder)),
     )
 
 
-def _grid(meta: dict) -> tuple[int, int] | None:
+def meta_grid(meta: dict) -> tuple[int, int] | None:
     g = meta.get("grid")
     return (int(g[0]), int(g[1])) if g else None
 
