@@ -76,7 +76,7 @@ def test_l2_normalisation_matters(tiny):
     test above could fail if the normalisation were dropped."""
     import torch
 
-    flat, hf = tiny
+    _, hf = tiny
     pixels = np.random.default_rng(2).uniform(0, 1, size=(2, 12, 20, 3)).astype(np.float32)
     x = torch.as_tensor((pixels * 2 - 1).transpose(0, 3, 1, 2))
     with torch.no_grad():
