@@ -8,6 +8,8 @@ training builder's layout such a position also has only clean inputs before it).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -27,6 +29,31 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return lse - picked
 
 
+def loss_sums(ce: jax.Array, loss_mask: jax.Array, level: jax.Array, num_levels: int) -> dict[str, jax.Array]:
+    """Additive statistics of per-position cross-entropy ce [..., L] (sums add over micro-batches):
+    ce_sum, num_tokens, per_level_sum and per_level_count [K + 1]."""
+    w = loss_mask.astype(jnp.float32)
+    # Per-level sums; clip keeps stray levels (e.g. timestep tokens, masked anyway) in range.
+    lv = jnp.clip(level, 0, num_levels).reshape(-1)
+    return dict(
+        ce_sum=jnp.sum(ce * w),
+        num_tokens=jnp.sum(w),
+        per_level_sum=jnp.zeros((num_levels + 1,), jnp.float32).at[lv].add((ce * w).reshape(-1)),
+        per_level_count=jnp.zeros((num_levels + 1,), jnp.float32).at[lv].add(w.reshape(-1)),
+    )
+
+
+def metrics_from_sums(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """loss (mean over the loss tokens), num_tokens, per_level_loss (0 where a level has no
+    tokens) and per_level_count, plus the sums themselves."""
+    cnt = sums["per_level_count"]
+    return dict(
+        sums,
+        loss=sums["ce_sum"] / jnp.maximum(sums["num_tokens"], 1.0),
+        per_level_loss=jnp.where(cnt > 0, sums["per_level_sum"] / jnp.maximum(cnt, 1.0), 0.0),
+    )
+
+
 def next_token_loss(
     logits: jax.Array, targets: jax.Array, loss_mask: jax.Array, level: jax.Array, num_levels: int
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -34,23 +61,47 @@ def next_token_loss(
 
     logits [..., L, V]; targets, loss_mask, level [..., L]; num_levels = K (static).
     Returns (loss, metrics) with metrics: loss, num_tokens, per_level_loss [K + 1]
-    (0 where a level has no tokens) and per_level_count [K + 1].
+    (0 where a level has no tokens) and per_level_count [K + 1] (and the sums of `loss_sums`).
     """
-    ce = token_cross_entropy(logits, targets)
-    w = loss_mask.astype(jnp.float32)
-    count = jnp.sum(w)
-    loss = jnp.sum(ce * w) / jnp.maximum(count, 1.0)
-    # Per-level sums; clip keeps stray levels (e.g. timestep tokens, masked anyway) in range.
-    lv = jnp.clip(level, 0, num_levels).reshape(-1)
-    per_sum = jnp.zeros((num_levels + 1,), jnp.float32).at[lv].add((ce * w).reshape(-1))
-    per_cnt = jnp.zeros((num_levels + 1,), jnp.float32).at[lv].add(w.reshape(-1))
-    metrics = dict(
-        loss=loss,
-        num_tokens=count,
-        per_level_loss=jnp.where(per_cnt > 0, per_sum / jnp.maximum(per_cnt, 1.0), 0.0),
-        per_level_count=per_cnt,
-    )
-    return loss, metrics
+    metrics = metrics_from_sums(loss_sums(token_cross_entropy(logits, targets), loss_mask, level, num_levels))
+    return metrics["loss"], metrics
+
+
+def chunked_cross_entropy(
+    hidden: jax.Array, head: Callable[[jax.Array], jax.Array], targets: jax.Array, chunk: int
+) -> jax.Array:
+    """`token_cross_entropy(head(hidden), targets)` [B, L] without [B, L, V] logits.
+
+    hidden [B, L, D]; head maps [B, c, D] to float32 logits [B, c, V]. The sequence is
+    cut into chunks of `chunk` positions (the last one padded); each chunk's logits are
+    made, reduced and, in the backward pass, made again (jax.checkpoint), so at most one
+    chunk's [B, c, V] exists at a time. Chunks run along the sequence so a batch sharded
+    over devices stays sharded.
+    """
+    B, L, D = hidden.shape
+    c = min(chunk, L)
+    n = -(-L // c)
+    pad = n * c - L
+    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))) if pad else hidden
+    t = jnp.pad(targets, ((0, 0), (0, pad))) if pad else targets
+    hs = h.reshape(B, n, c, D).transpose(1, 0, 2, 3)  # [n, B, c, D]
+    ts = t.reshape(B, n, c).transpose(1, 0, 2)
+
+    @jax.checkpoint
+    def one(xs):
+        hc, tc = xs
+        return token_cross_entropy(head(hc), tc)
+
+    ce = jax.lax.map(one, (hs, ts))  # [n, B, c]
+    return ce.transpose(1, 0, 2).reshape(B, n * c)[:, :L]
+
+
+def output_head(params: M.Params, cfg: ModelConfig) -> Callable[[jax.Array], jax.Array]:
+    """hidden [B, c, D] -> float32 logits over the vocabulary the loss targets: the LM head,
+    or for Janus-Pro the image generation head (targets are image-code indices)."""
+    if cfg.has_image_head:
+        return lambda h: M.gen_logits(params, cfg, h)
+    return lambda h: M.lm_logits(params, cfg, h)
 
 
 def sjd2_loss(
@@ -60,17 +111,29 @@ def sjd2_loss(
     num_levels: int,
     remat: bool | str = False,
     attention: AttentionConfig | None = None,
+    loss_chunk: int | None = None,
+    denominator: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Forward the model on a batched TrainingExample and take `next_token_loss`.
+    """Forward the model on a batched TrainingExample and take the next-token loss.
 
-    cfg, num_levels, remat and attention (default: chunked) are static; differentiate
-    with respect to params (or the batch inputs) with jax.grad(..., has_aux=True).
+    cfg, num_levels, remat, attention (default: chunked) and loss_chunk (positions per
+    cross-entropy chunk; None = whole logits at once) are static; differentiate with
+    respect to params (or the batch inputs) with jax.grad(..., has_aux=True).
+    denominator: divide the summed cross-entropy by this instead of this batch's own
+    loss-token count (gradient accumulation divides every micro-batch by the global count).
     """
     hidden, _ = M.forward(
         params, cfg, batch.inputs, batch.positions, mask_spec=batch.spec, remat=remat, attention_cfg=attention
     )
-    logits = M.lm_logits(params, cfg, hidden)
-    return next_token_loss(logits, batch.targets, batch.loss_mask, batch.level, num_levels)
+    head = output_head(params, cfg)
+    if loss_chunk:
+        ce = chunked_cross_entropy(hidden, head, batch.targets, loss_chunk)
+    else:
+        ce = token_cross_entropy(head(hidden), batch.targets)
+    metrics = metrics_from_sums(loss_sums(ce, batch.loss_mask, batch.level, num_levels))
+    if denominator is None:
+        return metrics["loss"], metrics
+    return metrics["ce_sum"] / jnp.maximum(denominator, 1.0), metrics
 
 
 def training_loss(
@@ -85,6 +148,8 @@ def training_loss(
     noisable: jax.Array | None = None,
     remat: bool | str = False,
     attention: AttentionConfig | None = None,
+    loss_chunk: int | None = None,
+    denominator: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Build the noised batch from params["embed"] and take `sjd2_loss`, in one traceable call,
     so the embedding table also gets gradient through the (noisy) inputs.
@@ -92,4 +157,4 @@ def training_loss(
     ids, image_mask [B, T]; stats are usually the frozen pretrained-table statistics.
     """
     batch = build_training_batch(key, ids, image_mask, params["embed"], stats, noise_cfg, batch_cfg, noisable)
-    return sjd2_loss(params, cfg, batch, noise_cfg.num_levels, remat, attention)
+    return sjd2_loss(params, cfg, batch, noise_cfg.num_levels, remat, attention, loss_chunk, denominator)

@@ -11,7 +11,13 @@ from sjd2_jax.model.config import ModelConfig
 from sjd2_jax.sjd2.schedule import NoiseConfig
 from sjd2_jax.sjd2.standardize import embedding_stats
 from sjd2_jax.training.batch import TrainBatchConfig, build_training_batch
-from sjd2_jax.training.loss import next_token_loss, sjd2_loss, token_cross_entropy, training_loss
+from sjd2_jax.training.loss import (
+    chunked_cross_entropy,
+    next_token_loss,
+    sjd2_loss,
+    token_cross_entropy,
+    training_loss,
+)
 
 from helpers import numpy_params
 
@@ -140,3 +146,88 @@ def test_training_loss_parameter_gradient_is_finite():
         leaf = np.asarray(leaf)
         assert np.all(np.isfinite(leaf)), path
         assert np.abs(leaf).max() > 0, path
+
+
+# ----------------------------------------------------------------------------- chunked cross-entropy
+
+
+def _head_and_hidden(seed, b=3, length=23, d=16, v=61):
+    rng = np.random.default_rng(seed)
+    hidden = jnp.asarray(rng.standard_normal((b, length, d)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((v, d)) * 0.5, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, v, (b, length)), jnp.int32)
+    return hidden, w, targets
+
+
+def test_chunked_cross_entropy_equals_full_values_and_gradients():
+    hidden, w, targets = _head_and_hidden(0)
+    weights = jnp.asarray(np.random.default_rng(1).random(targets.shape), jnp.float32)
+
+    def loss(hidden, w, chunk):
+        head = lambda h: jnp.einsum("btd,vd->btv", h, w, preferred_element_type=jnp.float32)
+        if chunk:
+            ce = chunked_cross_entropy(hidden, head, targets, chunk)
+        else:
+            ce = token_cross_entropy(head(hidden), targets)
+        return jnp.sum(ce * weights), ce
+
+    f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True), static_argnums=2)
+    (want, ce_want), g_want = f(hidden, w, 0)
+    for chunk in (1, 5, 8, 23, 100):
+        (got, ce), g = f(hidden, w, chunk)
+        assert ce.shape == targets.shape
+        np.testing.assert_allclose(np.asarray(ce), np.asarray(ce_want), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+        for a, c in zip(g, g_want, strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-5, atol=1e-6)
+
+
+def test_sjd2_loss_with_chunked_head_equals_full_logits():
+    params, ids, image, stats = _setup()
+    batch = _batch(jax.random.key(5), ids, image, params, stats, image)
+    f = jax.jit(jax.value_and_grad(sjd2_loss, has_aux=True), static_argnums=(1, 3, 4, 5, 6))
+    (want, m_want), g_want = f(params, CFG, batch, NCFG.num_levels, False, None, None)
+    (got, m), g = f(params, CFG, batch, NCFG.num_levels, False, None, 6)  # 21 positions: 4 chunks
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(m["per_level_loss"]), np.asarray(m_want["per_level_loss"]), rtol=1e-5)
+    for a, c in zip(jax.tree.leaves(g), jax.tree.leaves(g_want), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-5, atol=1e-7)
+
+
+def test_denominator_rescales_the_summed_loss():
+    params, ids, image, stats = _setup()
+    batch = _batch(jax.random.key(6), ids, image, params, stats, image)
+    loss, m = _loss(params, CFG, batch, NCFG.num_levels)
+    scaled, _ = jax.jit(sjd2_loss, static_argnums=(1, 3))(params, CFG, batch, NCFG.num_levels, denominator=7.0)
+    np.testing.assert_allclose(float(scaled) * 7.0, float(loss) * float(m["num_tokens"]), rtol=1e-5)
+
+
+def test_chunked_cross_entropy_never_holds_the_full_logits():
+    """Compiled gradient temporaries, 8 x 1024 positions over a 32k vocabulary: chunks of 128."""
+    b, length, d, v = 8, 1024, 64, 32768
+    hidden = jax.ShapeDtypeStruct((b, length, d), jnp.float32)
+    w = jax.ShapeDtypeStruct((v, d), jnp.float32)
+    targets = jax.ShapeDtypeStruct((b, length), jnp.int32)
+
+    def temp_bytes(chunk):
+        def loss(hidden, w, targets):
+            head = lambda h: jnp.einsum("btd,vd->btv", h, w, preferred_element_type=jnp.float32)
+            ce = (
+                chunked_cross_entropy(hidden, head, targets, chunk)
+                if chunk
+                else token_cross_entropy(head(hidden), targets)
+            )
+            return jnp.sum(ce)
+
+        return (
+            jax.jit(jax.grad(loss, argnums=(0, 1)))
+            .lower(hidden, w, targets)
+            .compile()
+            .memory_analysis()
+            .temp_size_in_bytes
+        )
+
+    full_logits = b * length * v * 4
+    full, chunked = temp_bytes(0), temp_bytes(128)
+    assert full >= full_logits
+    assert chunked <= 3 * b * 128 * v * 4, (chunked, full)  # a few chunk-sized buffers, not [B, L, V]
