@@ -181,7 +181,7 @@ def encoder_image(p: Mapping[str, Any], x: jax.Array) -> jax.Array:
 
 
 def check_tree(tree: Mapping[str, Any], where: str) -> None:
-    need = [("quantize", "embedding", "weight"), ("post_quant_conv", "conv", "weight")]
+    need: list[tuple[str, ...]] = [("quantize", "embedding", "weight"), ("post_quant_conv", "conv", "weight")]
     need += [("decoder", k) for k in ("time_res_stack", "conv_in", "mid", "up", "norm_out", "conv_out")]
     if "encoder" in tree:
         need += [("encoder", k) for k in ("conv_in", "down", "mid", "norm_out", "conv_out", "time_res_stack")]

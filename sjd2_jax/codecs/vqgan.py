@@ -79,7 +79,7 @@ def upsampling_factor(tree: Mapping[str, Any]) -> int:
 
 def check_taming_tree(tree: Mapping[str, Any], where: str) -> None:
     """Fail at load time, naming what is missing, rather than with a KeyError inside jit."""
-    need = [("quantize", "embedding", "weight"), ("post_quant_conv", "weight")]
+    need: list[tuple[str, ...]] = [("quantize", "embedding", "weight"), ("post_quant_conv", "weight")]
     need += [("decoder", k) for k in ("conv_in", "mid", "up", "norm_out", "conv_out")]
     if "encoder" in tree:
         need += [("encoder", k) for k in ("conv_in", "down", "mid", "norm_out", "conv_out")] + [("quant_conv",)]
