@@ -23,6 +23,9 @@ CODEC_FILE = "image_codec.json"
 # kind -> "module:loader"; the loader takes (folder, meta dict) and returns an ImageCodec.
 _KINDS = {
     "patch_vq": "sjd2_jax.demo.patch_codec:load_codec",
+    "chameleon_vqgan": "sjd2_jax.codecs.vqgan:load_codec",
+    "janus_vq16": "sjd2_jax.codecs.janus_vq:load_codec",
+    "emu3_vq": "sjd2_jax.codecs.emu3_vq:load_codec",
 }
 
 
