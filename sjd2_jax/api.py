@@ -49,6 +49,31 @@ class Model:
         self.hf_config = hf_config or {}
 
     @property
+    def codec(self):
+        """The checkpoint's image codec (`sjd2_jax.codecs.ImageCodec`), or None if it has none."""
+        from sjd2_jax.codecs import load_codec
+
+        return load_codec(self.path)
+
+    def _require_codec(self):
+        codec = self.codec
+        if codec is None:
+            raise ValueError(
+                f"{self.path} has no image codec; add one with `python -m convert import` "
+                "(it brings Emu3 / Janus codecs with the model, Lumina-mGPT's with --vqgan vqgan.ckpt)"
+            )
+        return codec
+
+    def decode_codes(self, codes) -> np.ndarray:
+        """int [B, h, w] image codes -> float32 [B, H, W, 3] pixels in [0, 1] (the checkpoint's codec)."""
+        return self._require_codec().decode_codes(codes)
+
+    def encode_images(self, pixels) -> np.ndarray:
+        """float32 [B, H, W, 3] pixels in [0, 1] (H, W multiples of the codec's pixels per code)
+        -> int [B, h, w] image codes."""
+        return self._require_codec().encode_images(pixels)
+
+    @property
     def vocabulary(self) -> dict[str, int]:
         """Token name -> id, from the checkpoint's vocabulary_map (empty if none)."""
         return dict(self.hf_config.get("vocabulary_map") or {})

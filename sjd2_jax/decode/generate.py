@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sjd2_jax.codecs import load_codec
+from sjd2_jax.codecs.base import to_pixels_uint8
 from sjd2_jax.decode.engine import METHODS, DecodeSpec, Sampling, decode, input_table
 from sjd2_jax.families import layouts as L
 from sjd2_jax.io import checkpoint as ckpt
@@ -39,6 +41,7 @@ class Generation:
     method: str
     trace_drafts: np.ndarray | None = None  # [T, B, W-1] with trace=T: window drafts per iteration (-1 none)
     trace_done: np.ndarray | None = None  # [T, B]: tokens committed before each traced iteration
+    images: np.ndarray | None = None  # uint8 [B, H, W, 3] when the checkpoint has an image codec
 
     @property
     def step_compression(self) -> np.ndarray:
@@ -144,9 +147,12 @@ def generate(
     )
     gen = np.asarray(r.tokens)
     tokens = np.concatenate([np.broadcast_to(np.asarray(prefix, np.int32), (B, len(prefix))), gen], 1)
+    codes = plan.tokens_to_codes(gen)
+    codec = load_codec(getattr(model, "path", None))
     return Generation(
         tokens=tokens,
-        codes=plan.tokens_to_codes(gen),
+        codes=codes,
+        images=to_pixels_uint8(codec.decode_codes(codes)) if codec is not None else None,
         steps=np.asarray(r.steps),
         accepted=np.asarray(r.accepted),
         plan=plan,
