@@ -43,7 +43,36 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--clean-prob", type=float, default=0.1, help="fraction of sequences left fully clean")
     p.add_argument("--param-dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default="bfloat16")
-    p.add_argument("--remat", action="store_true", help="recompute layer activations in the backward pass")
+    p.add_argument(
+        "--remat",
+        choices=["none", "full", "dots"],
+        nargs="?",
+        const="full",
+        default="none",
+        help="recompute activations in the backward pass: full (only layer inputs kept; --remat alone), "
+        "dots (projection outputs kept too) or none (default)",
+    )
+    p.add_argument(
+        "--grad-accum",
+        type=int,
+        default=1,
+        help="micro-batches per optimizer step: the global --batch-size is processed in N parts with the "
+        "same result (memory of one part)",
+    )
+    p.add_argument(
+        "--attention",
+        choices=["chunked", "dense", "cudnn", "splash"],
+        default="chunked",
+        help="training attention: chunked (blockwise, memory linear in the sequence; default, any device), "
+        "dense (materialised scores), cudnn (NVIDIA GPU), splash (TPU)",
+    )
+    p.add_argument("--attention-block", type=int, default=512, help="query/key block of chunked and splash attention")
+    p.add_argument(
+        "--loss-chunk",
+        type=int,
+        default=512,
+        help="positions per cross-entropy chunk through the output head (0: full logits at once)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (async)")
     p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
@@ -78,6 +107,10 @@ def main(argv=None) -> int:
             param_dtype=args.param_dtype,
             compute_dtype=args.compute_dtype,
             remat=args.remat,
+            grad_accum=args.grad_accum,
+            attention=args.attention,
+            attention_block=args.attention_block,
+            loss_chunk=args.loss_chunk,
             levels=args.levels,
             parametrization=args.parametrization,
             clean_prob=args.clean_prob,

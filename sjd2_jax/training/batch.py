@@ -140,8 +140,13 @@ def build_training_batch(
     batch_cfg: TrainBatchConfig,
     noisable: jax.Array | None = None,
 ) -> TrainingExample:
-    """`build_training_example` over a batch: ids, image_mask (and noisable) [B, T]."""
-    keys = jax.random.split(key, ids.shape[0])
+    """`build_training_example` over a batch: ids, image_mask (and noisable) [B, T].
+
+    key: one key (split into one per row) or per-row keys [B].
+    """
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    single = key.ndim == (0 if typed else 1)  # raw uint32 keys carry a trailing [2]
+    keys = jax.random.split(key, ids.shape[0]) if single else key
     if noisable is None:
         noisable = image_mask
     fn = lambda k, i, m, nz: build_training_example(k, i, m, table, stats, noise_cfg, batch_cfg, nz)

@@ -1,7 +1,7 @@
-"""Sharded next-clean-token fine-tuning: state, step, checkpoints, the run loop.
+"""The sharded training step: TrainConfig, TrainState, the optimizer and the jitted step.
 
 The train step is one `jax.jit` with explicit in/out shardings (parameters and
-optimizer state from the rules table in train/sharding.py, the batch split over
+optimizer state from the rules table in sjd2_jax/model/sharding.py, the batch split over
 data x fsdp) and a donated state. Randomness is derived from (seed, step), and the
 data loader's position is saved with every checkpoint, so a resumed run repeats
 exactly what an uninterrupted one would have done.
@@ -18,10 +18,12 @@ import jax.numpy as jnp
 import optax
 
 from sjd2_jax.model import sharding as SH
+from sjd2_jax.model.attention import BACKENDS, AttentionConfig
 from sjd2_jax.model.config import ModelConfig
+from sjd2_jax.model.transformer import REMAT_MODES
 from sjd2_jax.sjd2.schedule import NoiseConfig
 from sjd2_jax.training.batch import TrainBatchConfig
-from sjd2_jax.training.loss import training_loss
+from sjd2_jax.training.loss import metrics_from_sums, training_loss
 
 
 class TrainError(Exception):
@@ -43,24 +45,46 @@ class TrainConfig:
     seed: int = 0
     param_dtype: str = "float32"  # master weights
     compute_dtype: str = "bfloat16"
-    remat: bool = False
+    remat: str = "none"  # "none" | "full" | "dots" (transformer.forward); True/False mean full/none
+    grad_accum: int = 1  # micro-batches per optimizer step (batch_size / grad_accum rows each)
+    attention: str = "chunked"  # model/attention.py backend: dense | chunked | cudnn | splash
+    attention_block: int = 512  # query and key block of the chunked / splash backends
+    loss_chunk: int = 512  # positions per cross-entropy chunk (0: whole logits at once)
     levels: int = 20
-    parametrization: str = "flow"  # "flow" | "vp" (DESIGN.md 1.3)
+    parametrization: str = "flow"  # "flow" | "vp" (docs/design.md section 1)
     num_segments: int = 4
     clean_prob: float = 0.1
 
     def __post_init__(self):
         if self.objective not in ("sjd2", "ar"):
             raise ValueError(f"unknown objective {self.objective!r}; choose sjd2 or ar")
-        for name in ("steps", "batch_size", "levels", "num_segments"):
+        if isinstance(self.remat, bool):
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
+        if self.remat not in REMAT_MODES:
+            raise ValueError(f"unknown remat {self.remat!r}; choose one of {', '.join(REMAT_MODES)}")
+        if self.attention not in BACKENDS:
+            raise ValueError(f"unknown attention {self.attention!r}; choose one of {', '.join(BACKENDS)}")
+        for name in ("steps", "batch_size", "levels", "num_segments", "grad_accum", "attention_block"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.loss_chunk < 0:
+            raise ValueError("loss_chunk must be >= 0")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
         if self.lr <= 0:
             raise ValueError("lr must be positive")
 
     @property
     def noise(self) -> NoiseConfig:
         return NoiseConfig(num_levels=self.levels, parametrization=self.parametrization)
+
+    @property
+    def attention_cfg(self) -> AttentionConfig:
+        return AttentionConfig(self.attention, self.attention_block, self.attention_block)
+
+    @property
+    def micro_batch(self) -> int:
+        return self.batch_size // self.grad_accum
 
     @property
     def batch_cfg(self) -> TrainBatchConfig:
@@ -83,7 +107,8 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
     ), schedule
 
 
-def loss_fn(params, cfg: ModelConfig, tc: TrainConfig, stats, batch, key):
+def loss_fn(params, cfg: ModelConfig, tc: TrainConfig, stats, batch, key, denominator=None):
+    """key: one key, or per-row keys [B] (what accumulation uses to reproduce the full batch)."""
     compute = jax.tree.map(lambda x: x.astype(tc.compute_dtype), params)
     return training_loss(
         compute,
@@ -96,7 +121,58 @@ def loss_fn(params, cfg: ModelConfig, tc: TrainConfig, stats, batch, key):
         tc.batch_cfg,
         batch["noisable"],
         remat=tc.remat,
+        attention=tc.attention_cfg,
+        loss_chunk=tc.loss_chunk or None,
+        denominator=denominator,
     )
+
+
+def micro_batches(x: jax.Array, n: int) -> jax.Array:
+    """[B, ...] -> [n, B / n, ...] taking rows i, i + n, i + 2n, ... into micro-batch i, so each
+    device's contiguous rows (the batch is split over data x fsdp) feed every micro-batch."""
+    return jnp.swapaxes(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1)
+
+
+def accumulated_grads(params, cfg: ModelConfig, tc: TrainConfig, stats, batch, key, mesh=None, param_sh=None):
+    """Gradient and metrics of the global batch, from tc.grad_accum micro-batches in a lax.scan.
+
+    Every row gets the key it gets without accumulation and every micro-batch divides by the
+    global loss-token count, so the sum of the micro-batch gradients is the full-batch gradient
+    (up to float summation order); only one micro-batch's activations exist at a time.
+    """
+    n = tc.grad_accum
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if n == 1:
+        (_, metrics), grads = grad_fn(params, cfg, tc, stats, batch, key)
+        return grads, metrics
+    rows = jax.random.split(key, batch["tokens"].shape[0])  # the full batch's per-row keys
+    # Loss positions = image targets (batch.py): known before any forward pass.
+    denominator = jnp.sum(batch["image_mask"][:, 1:], dtype=jnp.float32)
+    xs = ({k: micro_batches(v, n) for k, v in batch.items()}, micro_batches(rows, n))
+    if mesh is not None:  # keep each micro-batch split over data x fsdp (rows are dim 1 now)
+        sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp")))
+        xs = jax.tree.map(lambda v: jax.lax.with_sharding_constraint(v, sh), xs)
+
+    def one(carry, x):
+        grads, sums = carry
+        mb, keys = x
+        (_, m), g = grad_fn(params, cfg, tc, stats, mb, keys, denominator)
+        grads = jax.tree.map(jnp.add, grads, g)
+        if param_sh is not None:
+            grads = jax.lax.with_sharding_constraint(grads, param_sh)
+        sums = {k: sums[k] + m[k] for k in sums}
+        return (grads, sums), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    k1 = tc.levels + 1
+    sums0 = {
+        "ce_sum": jnp.zeros((), jnp.float32),
+        "num_tokens": jnp.zeros((), jnp.float32),
+        "per_level_sum": jnp.zeros((k1,), jnp.float32),
+        "per_level_count": jnp.zeros((k1,), jnp.float32),
+    }
+    (grads, sums), _ = jax.lax.scan(one, (zeros, sums0), xs)
+    return grads, metrics_from_sums(sums)
 
 
 def build_step(cfg: ModelConfig, tc: TrainConfig, mesh, state_sharding):
@@ -107,7 +183,7 @@ def build_step(cfg: ModelConfig, tc: TrainConfig, mesh, state_sharding):
 
     def step(state: TrainState, batch, stats):
         key = jax.random.fold_in(jax.random.key(tc.seed), state.step)
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, cfg, tc, stats, batch, key)
+        grads, metrics = accumulated_grads(state.params, cfg, tc, stats, batch, key, mesh, state_sharding.params)
         updates, opt_state = opt.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
