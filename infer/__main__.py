@@ -8,8 +8,11 @@
 Output folder: one PNG per prompt (000.png, 001.png, ...), grid.png (all images tiled,
 enlarged; with --compare also ar-000.png, ..., grid-ar.png for each other method), and stats.json: a list with one
 object per image {prompt, method, image, tokens,
-steps, seconds, ...}. Everything is written to a temporary sibling folder and moved into
-place at the end; an existing --out is replaced only if it holds an earlier infer output.
+steps, seconds, ...}, and manifest.json: the files this run wrote. Everything is written to a
+temporary sibling folder and moved into place at the end (Ctrl-C or SIGTERM leave nothing behind).
+An existing --out is replaced only if it holds nothing but an earlier run's output (as its
+manifest.json lists it); otherwise infer refuses. A symlinked --out stays a symlink: the
+folder it points to is written.
 Checkpoints without an image codec (real Lumina-mGPT / Emu3 / Janus-Pro imports keep their
 VQ decoder aside) get each image's code grid as NNN.npy instead of a PNG.
 """
@@ -17,8 +20,13 @@ VQ decoder aside) get each image's code grid as NNN.npy instead of a PNG.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
+import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,10 +34,16 @@ USAGE_ERRORS = 2
 METHODS = ("ar", "jacobi", "sjd", "sjd2")
 STATS_FILE = "stats.json"
 GRID_FILE = "grid.png"
+MANIFEST_FILE = "manifest.json"
+MAX_SEED = 2**32 - 1
 
 
 class InferError(Exception):
     """Bad input to `python -m infer`; printed as one `error:` line."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during a run: unwinds like Ctrl-C, so the temporary output folder is removed."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,6 +81,11 @@ def _parser() -> argparse.ArgumentParser:
     j.add_argument("--window", type=int, default=None, help="window length W (jacobi, sjd, sjd2)")
     j.add_argument("--levels", type=int, default=None, help="SJD2 noise levels K (must match the fine-tune)")
     j.add_argument(
+        "--allow-schedule-mismatch",
+        action="store_true",
+        help="SJD2: decode with --levels other than the schedule the checkpoint was fine-tuned with",
+    )
+    j.add_argument(
         "--denoise-stride",
         type=int,
         default=None,
@@ -98,6 +117,8 @@ def read_prompts(args) -> list[str] | None:
     prompts = list(args.prompt or [])
     if args.prompts_file is not None:
         f = args.prompts_file
+        if f.is_dir():
+            raise InferError(f"--prompts-file {f}: is a directory, not a text file")
         if not f.is_file():
             raise InferError(f"--prompts-file {f}: no such file")
         try:
@@ -115,13 +136,36 @@ def read_prompts(args) -> list[str] | None:
     return prompts or None
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def _check_args(args) -> None:
+    """Every argument's range, before any work, in the names the user typed."""
     if args.batch_size < 1:
-        raise InferError("--batch-size must be >= 1")
+        raise InferError(f"--batch-size must be >= 1 (got {args.batch_size})")
     if args.grid_scale < 1:
-        raise InferError("--grid-scale must be >= 1")
+        raise InferError(f"--grid-scale must be >= 1 (got {args.grid_scale})")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise InferError(f"--seed must be an integer in [0, {MAX_SEED}] (got {args.seed})")
+    if args.size is not None and args.size < 1:
+        raise InferError(f"--size must be a positive number of pixels (got {args.size})")
     if args.window is not None and args.method == "ar":
         raise InferError("--window does not apply to --method ar")
+    if args.window is not None and args.window < 2:
+        raise InferError(f"--window must be >= 2 for --method {args.method} (got {args.window})")
+    for name in ("levels", "denoise_stride"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise InferError(f"{_flag(name)} must be >= 1 (got {value})")
+    from sjd2_jax.decode.options import check_sampling
+
+    try:
+        check_sampling(args.temperature, args.top_k, args.top_p, args.cfg_scale, name=_flag)
+    except ValueError as e:
+        raise InferError(str(e)) from None
+    if args.allow_schedule_mismatch and args.method != "sjd2":
+        raise InferError("--allow-schedule-mismatch applies to --method sjd2 only")
     sjd2_only = [
         n
         for n, v in (
@@ -136,9 +180,107 @@ def _check_args(args) -> None:
         raise InferError(f"{', '.join(sjd2_only)} apply to --method sjd2 only")
 
 
+def _check_model_defaults(args, model_dir) -> None:
+    """The checkpoint's saved sampling values, and --levels against its recorded SJD2 schedule."""
+    from sjd2_jax.decode.options import check_sampling, check_schedule
+    from sjd2_jax.io import checkpoint as ckpt
+
+    saved = ckpt.generation_defaults(model_dir)
+    stored = saved.get("sampling", {})
+    try:
+        check_sampling(
+            *(stored.get(k) for k in ("temperature", "top_k", "top_p", "cfg_scale")),
+            where=f" (in {Path(model_dir) / ckpt.GENERATION_FILE}; override it with the flag)",
+        )
+        check_schedule(
+            args.method,
+            saved,
+            {} if args.levels is None else {"levels": args.levels},
+            allow=args.allow_schedule_mismatch,
+            name=_flag,
+            allow_hint="--allow-schedule-mismatch",
+        )
+    except ValueError as e:
+        raise InferError(str(e)) from None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """List every file written into `folder` (name, size, hash): what a later run may replace."""
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(folder.iterdir()) if p.is_file()}
+    record = {"written_by": "python -m infer", "files": files}
+    (folder / MANIFEST_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _not_ours(folder: Path) -> list[str] | None:
+    """Entries of an existing folder that no earlier run wrote (unlisted, or changed since);
+    None when the folder has files but no readable manifest."""
+    entries = sorted(p.name for p in folder.iterdir())
+    if not entries:
+        return []
+    try:
+        listed = json.loads((folder / MANIFEST_FILE).read_text())["files"]
+        assert isinstance(listed, dict)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        return None
+    foreign = []
+    for name in entries:
+        p = folder / name
+        if name == MANIFEST_FILE:
+            continue
+        rec = listed.get(name)
+        same = (
+            isinstance(rec, dict)
+            and p.is_file()
+            and not p.is_symlink()
+            and p.stat().st_size == rec.get("bytes")
+            and _sha256(p) == rec.get("sha256")
+        )
+        if not same:
+            foreign.append(name)
+    return foreign
+
+
+def _check_replaceable(folder: Path, out: Path) -> None:
+    foreign = _not_ours(folder)
+    if foreign is None:
+        raise InferError(
+            f"--out {out} exists and is not an earlier infer output (no {MANIFEST_FILE}); "
+            "choose a new folder, or empty this one"
+        )
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise InferError(
+            f"--out {out} holds files an earlier infer run did not write or that changed since ({shown}); "
+            "infer replaces only its own output: choose a new folder, or move them"
+        )
+
+
 def _prepare_out(out: Path) -> None:
-    if out.exists() and not (out.is_dir() and ((out / STATS_FILE).is_file() or not any(out.iterdir()))):
-        raise InferError(f"--out {out} exists and is not an earlier infer output; choose a new folder")
+    """Refuse, before any work, an --out that cannot be written or holds someone else's files."""
+    if out.is_symlink() and not out.exists():
+        raise InferError(f"--out {out} is a symlink to {os.readlink(out)}, which does not exist")
+    target = out.resolve()  # a symlinked --out is written through: its target folder is replaced
+    if target.exists():
+        if not target.is_dir():
+            raise InferError(f"--out {out} exists and is not a folder")
+        _check_replaceable(target, out)
+        if not os.access(target, os.W_OK | os.X_OK):
+            raise InferError(f"--out {out} is not writable (permission denied)")
+    existing = target.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InferError(f"--out {out}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InferError(f"--out {out}: cannot create it in {existing} (not writable)")
 
 
 def _method_options(args) -> dict:
@@ -153,6 +295,8 @@ def _method_options(args) -> dict:
         opts["e0_hat"] = args.e0_hat
     if args.denoise_stride is not None:
         opts["denoise_stride"] = args.denoise_stride
+    if args.allow_schedule_mismatch:
+        opts["allow_schedule_mismatch"] = True
     return opts
 
 
@@ -205,10 +349,12 @@ class _CompileClock:
 
 
 def run(args, log=print) -> list[dict]:
+    import jax
     import numpy as np
     from tqdm import tqdm
 
     import sjd2_jax
+    from sjd2_jax import families
     from sjd2_jax.codecs import load_codec
     from sjd2_jax.demo import mnist
     from sjd2_jax.io import checkpoint as ckpt
@@ -225,15 +371,22 @@ def run(args, log=print) -> list[dict]:
             f"--model {model_dir}: not an sjd2-jax checkpoint folder (no {ckpt.CONFIG_FILE}); "
             "import one with `python -m convert import`"
         )
+    _check_model_defaults(args, model_dir)
     _prepare_out(args.out)
     model = sjd2_jax.load(model_dir)
+    try:
+        families.image_plan(model, args.size)
+    except ValueError as e:
+        raise InferError(f"--size {args.size}: {e}" if args.size is not None else str(e)) from None
     codec = load_codec(model_dir)
     methods = [args.method] + ([m for m in METHODS if m != args.method] if args.compare else [])
     B = min(args.batch_size, len(prompts))
     clock = _CompileClock()
     records = []
     bar = tqdm(total=len(prompts) * len(methods), desc="images", unit="img", disable=args.no_progress, file=sys.stderr)
-    with ckpt.atomic_output_dir(args.out, replace=True) as tmp:  # checked by _prepare_out
+    # Checked by _prepare_out, and again just before the swap (files may have appeared meanwhile).
+    replaceable = lambda folder: _check_replaceable(folder, args.out)
+    with ckpt.atomic_output_dir(args.out, replace=True, check_replace=replaceable) as tmp:
         for method in methods:
             bar.set_description(f"{method} images")
             prefix = "" if method == args.method else f"{method}-"
@@ -287,24 +440,32 @@ def run(args, log=print) -> list[dict]:
                 to_png(tile(np.stack(pixels)), tmp / grid, args.grid_scale)
         bar.close()
         (tmp / STATS_FILE).write_text(json.dumps(records, indent=2) + "\n")
-    log(summary(records, args.out))
+        write_manifest(tmp)
+    log(summary(records, args.out, device=jax.default_backend()))
     return records
 
 
-def summary(records: list[dict], out: Path) -> str:
-    """One row per method: steps, step compression, seconds per image (compilation excluded)."""
+SPEED_COLUMN = "images/s relative to AR"
+
+
+def summary(records: list[dict], out: Path, device: str | None = None) -> str:
+    """One row per method: steps, step compression, seconds per image (compilation excluded),
+    and speed relative to AR with a note on reading it; `device` is the backend the run used."""
     import numpy as np
 
-    by = {}
+    by: dict[str, list[dict]] = {}
     for r in records:
         by.setdefault(r["method"], []).append(r)
     ar_secs = np.mean([r["seconds"] for r in by["ar"]]) if "ar" in by else None
-    head = ["method", "images", "tokens/img", "steps/img (min-max)", "step compression", "s/img", "vs AR"]
+    head = ["method", "images", "tokens/img", "steps/img (min-max)", "step compression", "s/img", SPEED_COLUMN]
     rows = []
+    slower = []
     for method, rs in by.items():
         steps = np.array([r["steps"] for r in rs])
         tokens = np.array([r["tokens"] for r in rs])
         secs = float(np.mean([r["seconds"] for r in rs]))
+        if ar_secs and secs > 0 and method != "ar" and ar_secs / secs < 1.0:
+            slower.append(method)
         rows.append(
             [
                 method,
@@ -313,7 +474,7 @@ def summary(records: list[dict], out: Path) -> str:
                 f"{steps.mean():.1f} ({steps.min()}-{steps.max()})",
                 f"{tokens.sum() / steps.sum():.2f}x",
                 f"{secs:.3f}",
-                f"{ar_secs / secs:.2f}x" if ar_secs and secs > 0 else "-",
+                f"{ar_secs / secs:.2f}" if ar_secs and secs > 0 else "-",
             ]
         )
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
@@ -324,6 +485,16 @@ def summary(records: list[dict], out: Path) -> str:
         f"step compression = generated tokens / forward passes; s/img excludes compilation. "
         f"Output: {out}/ ({STATS_FILE}, {kind})"
     )
+    if ar_secs:
+        lines.append(f"{SPEED_COLUMN}: above 1 = faster than AR, below 1 = slower (this run's device: {device}).")
+    if slower:
+        lines.append(
+            f"Why {', '.join(slower)} can be slower than AR despite fewer forward passes: where a pass is "
+            "compute-bound (a CPU, or a tiny model like the demo), a pass over a W-token window costs about "
+            "as much as several one-token passes, so fewer passes do not save time. Step compression pays "
+            "off where a pass is memory-bound (reading the weights dominates; large models on GPU/TPU): "
+            "there a window pass costs about the same as a one-token pass."
+        )
     return "\n".join(lines)
 
 
@@ -332,14 +503,41 @@ def main(argv=None) -> int:
     from sjd2_jax.io.checkpoint import CheckpointError
 
     try:
-        run(args)
-    except (InferError, ValueError, CheckpointError, FileExistsError, FileNotFoundError) as e:
+        with _sigterm_interrupts():
+            run(args)
+    except (InferError, ValueError, CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return USAGE_ERRORS
+    except Terminated:
+        print("terminated; no partial output was left", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
+        print("interrupted; no partial output was left", file=sys.stderr)
         return 130
     return 0
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM raises Terminated (a KeyboardInterrupt) for the duration, so the run unwinds
+    and removes its temporary folder instead of dying with it in place."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def console_main() -> None:
+    """Entry point of the installed console script."""
+    sys.exit(main())
 
 
 if __name__ == "__main__":

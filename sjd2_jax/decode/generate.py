@@ -11,6 +11,7 @@ import numpy as np
 from sjd2_jax.codecs import load_codec
 from sjd2_jax.codecs.base import to_pixels_uint8
 from sjd2_jax.decode.engine import METHODS, DecodeSpec, Sampling, decode, input_table
+from sjd2_jax.decode.options import check_generate_options
 from sjd2_jax.families import layouts as L
 from sjd2_jax.io import checkpoint as ckpt
 from sjd2_jax.sjd2.schedule import NoiseConfig
@@ -79,10 +80,13 @@ def generate(
     e0_hat ("sample" | "mean"), stats ("all" | "image"), pure_noise_top, denoise_stride
     (levels per denoise step); trace=T records the window drafts of the first T iterations
     (Generation.trace_drafts / trace_done, for trajectory plots).
+    Bad sampling values raise ValueError, and so do noise options that differ from the
+    schedule the checkpoint was fine-tuned with, unless allow_schedule_mismatch=True.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     saved = ckpt.generation_defaults(getattr(model, "path", None))
+    method_options = check_generate_options(method, saved, method_options, (temperature, top_k, top_p, cfg_scale))
     method_options = {**saved.get("methods", {}).get(method, {}), **method_options}
     unknown = sorted(set(method_options) - {"window", "exact", "trace"} - set(NOISE_OPTIONS))
     if unknown:

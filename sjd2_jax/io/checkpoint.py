@@ -18,8 +18,10 @@ import json
 import logging
 import os
 import shutil
+import signal
+import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -171,27 +173,60 @@ def load_params(ckpt_dir, cfg: ModelConfig | None = None, dtype=None, shardings=
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out_dir: str | os.PathLike, replace: bool = False):
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block is done (the final renames must not be cut in
+    half); a signal that arrived meanwhile is delivered afterwards. Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous: dict[int, Any] = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        for signum in pending:
+            signal.raise_signal(signum)
+
+
+@contextlib.contextmanager
+def atomic_output_dir(
+    out_dir: str | os.PathLike, replace: bool = False, check_replace: Callable[[Path], None] | None = None
+):
     """Yield a temporary sibling folder; rename it to out_dir only if the block succeeds.
 
     An existing out_dir is an error, unless `replace`: then it is swapped out only after
-    the block succeeded, so a failure leaves the earlier folder as it was.
+    the block succeeded, so a failure leaves the earlier folder as it was; `check_replace`,
+    if given, is called on the existing folder just before the swap and may raise to keep it.
+    A symlinked out_dir stays a symlink: the folder it points to is the one written (a
+    dangling symlink is refused before the block runs). Any exception, KeyboardInterrupt
+    included, removes the temporary folder.
     """
     out = Path(out_dir)
+    if out.is_symlink():
+        if not out.exists():
+            raise FileNotFoundError(f"output folder {out} is a symlink to {os.readlink(out)}, which does not exist")
+        out = out.resolve()
     if out.exists() and not replace:
-        raise FileExistsError(f"output folder {out} already exists; choose a new path")
+        raise FileExistsError(f"output folder {out_dir} already exists; choose a new path")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        if out.exists() and check_replace is not None:
+            check_replace(out)
+        with _signals_deferred():
+            if out.exists():
+                old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(out, old)
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

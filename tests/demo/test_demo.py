@@ -1,4 +1,5 @@
-"""The bundled MNIST demo: its image codec, its checkpoint with every method, and `python -m infer`."""
+"""The bundled MNIST demo: its image codec, its checkpoint with every method, its build script.
+(`python -m infer` is tested in tests/cli/test_infer.py.)"""
 
 from __future__ import annotations
 
@@ -145,105 +146,7 @@ def test_trace_records_window_drafts(demo):
     np.testing.assert_array_equal(g.trace_drafts[t, 0, : n - 1], final[done[t] + 1 : done[t] + n])
 
 
-# ----------------------------------------------------------------------------- python -m infer
-
-
-def _infer(argv):
-    from infer.__main__ import main
-
-    return main(argv)
-
-
-def test_infer_writes_pngs_grid_and_stats(tmp_path, capsys):
-    from PIL import Image
-
-    out = tmp_path / "run"
-    prompts = ["a handwritten 4", "the digit nine"]
-    assert (
-        _infer(
-            [
-                "--prompt",
-                prompts[0],
-                "--prompt",
-                prompts[1],
-                "--compare",
-                "--out",
-                str(out),
-                "--no-progress",
-                "--seed",
-                "3",
-                "--batch-size",
-                "2",
-            ]
-        )
-        == 0
-    )
-    stats = json.loads((out / "stats.json").read_text())
-    assert [(s["method"], s["prompt"]) for s in stats] == [
-        (m, p) for m in ("sjd2", "ar", "jacobi", "sjd") for p in prompts
-    ]
-    codec = load_codec(sjd2_jax.DEMO_MODEL)
-    for s in stats:
-        assert {"prompt", "method", "image", "tokens", "steps", "seconds"} <= set(s)
-        assert s["tokens"] == 212 and 1 <= s["steps"] <= 212 and s["seconds"] > 0
-        assert (
-            s["image"] == ("" if s["method"] == "sjd2" else s["method"] + "-") + f"{prompts.index(s['prompt']):03d}.png"
-        )
-        img = np.asarray(Image.open(out / s["image"]))
-        assert img.shape == (28, 28) and img.dtype == np.uint8 and img.max() > 100
-        # The PNG is the codec's decoding of some code grid: re-encoding it reproduces it to 8-bit rounding.
-        again = codec.decode(codec.encode(img))
-        assert np.abs(again * 255 - img).max() <= 1.0
-    assert [s["steps"] for s in stats if s["method"] == "ar"] == [212, 212]
-    for name in ("grid.png", "grid-ar.png", "grid-jacobi.png", "grid-sjd.png"):
-        assert Image.open(out / name).size[0] > 28
-    table = capsys.readouterr().out
-    assert "step compression" in table and all(m in table for m in ("sjd2", "jacobi", "ar", "sjd"))
-    # A second run replaces the earlier output; nothing else is left beside it.
-    assert _infer(["--prompt", "a 5", "--out", str(out), "--no-progress", "--method", "ar"]) == 0
-    assert len(json.loads((out / "stats.json").read_text())) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
-
-
-@pytest.mark.parametrize(
-    "setup,expect",
-    [
-        (lambda d: None, "no such file"),
-        (lambda d: (d / "p.txt").write_text("\n# only a comment\n\n"), "no prompts"),
-        (lambda d: (d / "p.txt").write_bytes(b"a handwritten \xff\xfe 7\n"), "not UTF-8"),
-    ],
-)
-def test_infer_bad_prompts_file(tmp_path, capsys, setup, expect):
-    setup(tmp_path)
-    out = tmp_path / "out"
-    assert _infer(["--prompts-file", str(tmp_path / "p.txt"), "--out", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: --prompts-file") and expect in err and "Traceback" not in err
-    assert not out.exists()
-
-
-def test_infer_bad_arguments(tmp_path, capsys):
-    assert _infer(["--model", str(tmp_path), "--prompt", "x", "--out", str(tmp_path / "o")]) == 2
-    assert "not an sjd2-jax checkpoint" in capsys.readouterr().err
-    assert _infer(["--method", "ar", "--window", "4", "--out", str(tmp_path / "o")]) == 2
-    assert "--window does not apply" in capsys.readouterr().err
-    assert _infer(["--method", "sjd", "--denoise-stride", "2", "--out", str(tmp_path / "o")]) == 2
-    assert "--denoise-stride apply to --method sjd2 only" in capsys.readouterr().err
-    assert _infer(["--denoise-stride", "0", "--prompt", "a 1", "--out", str(tmp_path / "o")]) == 2
-    assert "denoise_stride must be >= 1" in capsys.readouterr().err
-    assert not (tmp_path / "o").exists()
-    (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    assert _infer(["--out", str(tmp_path / "mine")]) == 2
-    assert "not an earlier infer output" in capsys.readouterr().err
-    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
-
-
-def test_infer_unknown_flag_is_a_usage_message():
-    r = subprocess.run([sys.executable, "-m", "infer", "--no-such-flag"], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 2
-    assert "unrecognized arguments: --no-such-flag" in r.stderr and "usage: python -m infer" in r.stderr
-    assert "Traceback" not in r.stderr
+# ----------------------------------------------------------------------------- the build script
 
 
 @pytest.mark.slow  # about a minute: the whole build pipeline at toy size (python -m pytest -m slow)
@@ -287,20 +190,3 @@ def test_build_script_runs_end_to_end(tmp_path):
     assert load_codec(final).grid == (14, 14) and model.config.hidden_size == 32
     g = sjd2_jax.generate(model, ["a handwritten 3"], method="sjd2", seed=0)
     assert g.codes.shape == (1, 14, 14)
-
-
-def test_atomic_output_dir_replace_keeps_the_old_folder_on_failure(tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "stats.json").write_text("old")
-    with pytest.raises(RuntimeError):
-        with ckpt.atomic_output_dir(out, replace=True) as tmp:
-            (tmp / "stats.json").write_text("new")
-            raise RuntimeError("midway")
-    assert (out / "stats.json").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    with ckpt.atomic_output_dir(out, replace=True) as tmp:
-        (tmp / "stats.json").write_text("new")
-    assert (out / "stats.json").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    with pytest.raises(FileExistsError):
-        with ckpt.atomic_output_dir(out):
-            pass
