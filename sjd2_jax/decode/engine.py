@@ -18,6 +18,10 @@ made and accepted (DESIGN.md 1.2-1.3):
           Exact mode (default) scans past a position only if its input was clean, so the
           output distribution equals AR sampling; paper mode accepts through noisy inputs.
 
+One loop iteration is the sequence of stages below, each a pure function named for
+its step of the method: `window_inputs` -> `next_token_probs` (forward pass and
+guidance) -> `verify` -> `commit` -> `slide` (with SJD2's denoise step) -> `record_trace`.
+
 Rows of a batch advance independently: per-row committed counts, cache lengths, step
 counters and done flags. With classifier-free guidance the unconditional rows run
 beside the conditional ones (same window inputs, their own prompt and cache) and the
@@ -28,7 +32,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any, NamedTuple
 
+import chex
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -53,8 +59,8 @@ class DecodeSpec:
     window: int = 16
     num_tokens: int = 1  # N: tokens the loop generates per row
     head: str = "lm"  # "lm" (LM vocabulary) or "gen" (Janus generation head)
-    cfg: bool = False  # run unconditional rows beside the conditional ones
-    cfg_mode: str = "logits"  # "logits" | "log_softmax"
+    guidance: bool = False  # classifier-free guidance: run unconditional rows beside the conditional ones
+    guidance_mode: str = "logits"  # combine raw "logits" or "log_softmax" values
     exact: bool = True  # SJD2 exact (lossless) verification; False = paper mode
     noise: NoiseConfig = NoiseConfig()  # noqa: RUF009 (frozen, hashable: a shared default is safe)
     trace: int = 0  # record the window drafts of the first `trace` iterations (trajectory plots)
@@ -72,12 +78,17 @@ class DecodeSpec:
             raise ValueError("trace must be >= 0")
         if self.head not in ("lm", "gen"):
             raise ValueError(f"unknown head {self.head!r}")
-        if self.cfg_mode not in ("logits", "log_softmax"):
-            raise ValueError(f"unknown cfg_mode {self.cfg_mode!r}")
+        if self.guidance_mode not in ("logits", "log_softmax"):
+            raise ValueError(f"unknown guidance_mode {self.guidance_mode!r}")
 
     @property
     def levels(self) -> int:
+        """K: noise levels (and timestep tokens) of SJD2; 0 for the other methods."""
         return self.noise.num_levels if self.method == "sjd2" else 0
+
+    @property
+    def exact_sjd2(self) -> bool:
+        return self.method == "sjd2" and self.exact
 
 
 @flax.struct.dataclass
@@ -96,15 +107,22 @@ class Sampling:
 
 
 @flax.struct.dataclass
+class Window:
+    """Window positions 1..W-1 of every row (position 0 is the newest committed token)."""
+
+    drafts: jax.Array  # int [B, W-1] draft token per position
+    has_draft: jax.Array  # bool [B, W-1]; False for SJD2 positions the model has not predicted yet
+    q: jax.Array  # [B, W-1, V] distribution each draft was drawn from
+    z: jax.Array  # [B, W-1, D] standardized noisy input (SJD2)
+    level: jax.Array  # int [B, W-1] noise level of each position's input (0 = clean)
+
+
+@flax.struct.dataclass
 class DecodeState:
-    cache: KVCache  # R = B (or 2B with CFG) rows
+    cache: KVCache  # R = B (or 2B with guidance) rows
     last_emb: jax.Array  # [R, D] input embedding of each row's newest committed token
     n_done: jax.Array  # [B] committed generated tokens
-    drafts: jax.Array  # [B, W-1] draft token per window position 1..W-1
-    has_draft: jax.Array  # [B, W-1] False for SJD2 positions that have not been predicted yet
-    q: jax.Array  # [B, W-1, V] distribution each draft was drawn from
-    z: jax.Array  # [B, W-1, D] standardized noisy inputs (SJD2)
-    level: jax.Array  # [B, W-1] noise level of each position's input (0 = clean)
+    window: Window
     out: jax.Array  # [B, N + W] output buffer (overshoot room)
     steps: jax.Array  # [B] forward passes while the row was active
     accepted: jax.Array  # [B, N] tokens committed at each step
@@ -123,6 +141,34 @@ class DecodeResult:
     trace_done: jax.Array  # [T, B] committed tokens before each iteration (window position i is token n + i)
 
 
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What one decode call holds fixed across loop iterations."""
+
+    params: Any
+    cfg: ModelConfig
+    spec: DecodeSpec
+    knobs: Sampling
+    batch: int  # B: conditional rows
+    table: jax.Array  # [V, D] input embedding of each output token id
+    stats: EmbedStats  # standardization of `table` (SJD2's noise space)
+    timestep_emb: jax.Array  # [K, D] inputs of the timestep tokens (K = 0 outside SJD2)
+    forced: jax.Array  # int [N + W + 1] structure token per generated index, -1 = free (padded past N)
+    allowed: jax.Array  # bool [V] tokens a free position may take
+
+
+class WindowInputs(NamedTuple):
+    embeds: jax.Array  # [R, W + K, D]
+    positions: jax.Array  # int [R, W + K]
+    mask: jax.Array  # bool [R, W + K, W + K] among the new tokens
+    sees_cache: jax.Array  # bool [R, W + K]
+
+
+class Verdict(NamedTuple):
+    num_commit: jax.Array  # int [B] tokens to commit (before clipping to N)
+    tokens: jax.Array  # int [B, W] the accepted drafts, then the corrected or bonus token
+
+
 def input_table(params, cfg: ModelConfig, head: str) -> jax.Array:
     """Input embedding of each output token id: the LM table, or Janus's aligned code embeddings."""
     if head == "lm":
@@ -135,38 +181,250 @@ def _head(params, cfg: ModelConfig, head: str, hidden) -> jax.Array:
     return M.lm_logits(params, cfg, hidden) if head == "lm" else M.gen_logits(params, cfg, hidden)
 
 
-def _fresh(key, spec: DecodeSpec, allowed, shape, V, D):
-    """New window positions: SJD/JD random allowed tokens (one-hot q); SJD2 pure noise."""
-    k1, k2 = jax.random.split(key)
-    if spec.method == "sjd2":  # no draft until the model has predicted the position
-        z = jax.random.normal(k2, shape + (D,), jnp.float32)
-        return (
-            jnp.zeros(shape, jnp.int32),
-            jnp.zeros(shape, bool),
-            jnp.zeros(shape + (V,), jnp.float32),
-            z,
-            jnp.full(shape, spec.levels, jnp.int32),
-        )
-    logits = jnp.where(allowed, 0.0, -jnp.inf)
-    tok = jax.random.categorical(k1, jnp.broadcast_to(logits, shape + (V,))).astype(jnp.int32)
-    q = jax.nn.one_hot(tok, V, dtype=jnp.float32)
-    return tok, jnp.ones(shape, bool), q, jnp.zeros(shape + (D,), jnp.float32), jnp.zeros(shape, jnp.int32)
-
-
-def _force(spec, forced_ext, n_done, drafts, has_draft, q, z, level):
-    """Positions whose generated index is a structure token are clean and carry it (p is one-hot there)."""
-    W, V = spec.window, q.shape[-1]
-    g = n_done[:, None] + jnp.arange(W - 1)[None]  # generated index of window positions 1..W-1
-    f = jnp.take(forced_ext, g)
-    is_f = f >= 0
-    drafts = jnp.where(is_f, f, drafts)
-    q = jnp.where(is_f[..., None], jax.nn.one_hot(jnp.maximum(f, 0), V, dtype=jnp.float32), q)
-    return drafts, has_draft | is_f, q, jnp.where(is_f[..., None], 0.0, z), jnp.where(is_f, 0, level)
-
-
 def _leading_true(x: jax.Array) -> jax.Array:
     """Length of the all-True prefix along the last axis."""
     return jnp.sum(jnp.cumprod(x.astype(jnp.int32), axis=-1), axis=-1)
+
+
+def _at(x: jax.Array, index: jax.Array) -> jax.Array:
+    """x[b, index[b]] for x [B, T, ...] and index int [B]."""
+    index = index.reshape(index.shape + (1,) * (x.ndim - 1))
+    return jnp.take_along_axis(x, index, axis=1)[:, 0]
+
+
+def _gather(x: jax.Array, index: jax.Array) -> jax.Array:
+    """x[b, index[b, i]] for x [B, T, ...] and index int [B, I]."""
+    index = index.reshape(index.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, index, axis=1)
+
+
+def _where_rows(row: jax.Array, new, old):
+    """Per row b (bool [B]): the `new` pytree where row[b], else `old`."""
+    pick = lambda n, o: jnp.where(row.reshape(row.shape + (1,) * (n.ndim - 1)), n, o)
+    return jax.tree.map(pick, new, old)
+
+
+def _both_branches(spec: DecodeSpec, x: jax.Array) -> jax.Array:
+    """Per-row values for the forward pass: with guidance the unconditional rows repeat the conditional ones."""
+    return jnp.concatenate([x, x], 0) if spec.guidance else x
+
+
+# ------------------------------------------------------------------------------------- stages
+
+
+def prefill(ctx: Context, prompts: jax.Array, prompt_lens: jax.Array, capacity: int) -> tuple[KVCache, jax.Array]:
+    """Start: cache every prompt token but the last, which becomes window position 0.
+
+    Returns the cache (lengths = prompt_lens - 1) and the input embedding [R, D] of
+    each row's last prompt token.
+    """
+    R, P = prompts.shape
+    positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (R, P))
+    cache = KVCache.create(ctx.cfg, R, capacity)
+    _, filled = M.forward(ctx.params, ctx.cfg, M.embed(ctx.params, ctx.cfg, prompts), positions, cache=cache)
+    assert filled is not None
+    last = _at(prompts, prompt_lens - 1)
+    return filled.advance(prompt_lens - 1), M.embed(ctx.params, ctx.cfg, last)
+
+
+def fresh_positions(ctx: Context, key: jax.Array, shape: tuple[int, ...]) -> Window:
+    """Positions entering at the back of the window (method step 1 and 5).
+
+    SJD and JD: a uniformly random allowed token with a one-hot q. SJD2: pure noise at
+    the top level K and no draft until the model has predicted the position.
+    """
+    V, D = ctx.table.shape
+    k_token, k_noise = jax.random.split(key)
+    if ctx.spec.method == "sjd2":
+        return Window(
+            drafts=jnp.zeros(shape, jnp.int32),
+            has_draft=jnp.zeros(shape, bool),
+            q=jnp.zeros(shape + (V,), jnp.float32),
+            z=jax.random.normal(k_noise, shape + (D,), jnp.float32),
+            level=jnp.full(shape, ctx.spec.levels, jnp.int32),
+        )
+    uniform_allowed = jnp.broadcast_to(jnp.where(ctx.allowed, 0.0, -jnp.inf), shape + (V,))
+    token = jax.random.categorical(k_token, uniform_allowed).astype(jnp.int32)
+    return Window(
+        drafts=token,
+        has_draft=jnp.ones(shape, bool),
+        q=jax.nn.one_hot(token, V, dtype=jnp.float32),
+        z=jnp.zeros(shape + (D,), jnp.float32),
+        level=jnp.zeros(shape, jnp.int32),
+    )
+
+
+def force_structure(ctx: Context, window: Window, n_done: jax.Array) -> Window:
+    """Method step 6: a position whose generated index is a structure token (end-of-line,
+    end-of-image) is clean and carries that token, with a one-hot q (p is one-hot there too)."""
+    W, V = ctx.spec.window, ctx.table.shape[0]
+    token = jnp.take(ctx.forced, n_done[:, None] + jnp.arange(W - 1)[None])  # for positions 1..W-1
+    is_forced = token >= 0
+    return Window(
+        drafts=jnp.where(is_forced, token, window.drafts),
+        has_draft=window.has_draft | is_forced,
+        q=jnp.where(is_forced[..., None], jax.nn.one_hot(jnp.maximum(token, 0), V, dtype=jnp.float32), window.q),
+        z=jnp.where(is_forced[..., None], 0.0, window.z),
+        level=jnp.where(is_forced, 0, window.level),
+    )
+
+
+def window_inputs(ctx: Context, s: DecodeState) -> WindowInputs:
+    """Method step 2, inputs: position 0 is E[newest token]; position i is E[d_i] when
+    clean, else the unstandardized noisy point mu + sd * z_i; then the K timestep tokens.
+
+    Masks and positions follow sjd2/masks.py (without timestep tokens: plain causal).
+    """
+    B, W, D = ctx.batch, ctx.spec.window, ctx.table.shape[1]
+    K = ctx.spec.levels
+    w = s.window
+    clean = jnp.take(ctx.table, w.drafts, axis=0).astype(jnp.float32)
+    real = jnp.where((w.level > 0)[..., None], unstandardize(w.z, ctx.stats), clean)
+    timestep = jnp.broadcast_to(ctx.timestep_emb, (B, K, D))
+    mask, sees_cache = window_masks(jnp.concatenate([jnp.zeros((B, 1), jnp.int32), w.level], 1), K)
+    tail = _both_branches(ctx.spec, jnp.concatenate([real, timestep], 1))
+    embeds = jnp.concatenate([s.last_emb[:, None].astype(jnp.float32), tail], 1).astype(ctx.cfg.jnp_dtype)
+    return WindowInputs(
+        embeds=embeds,
+        positions=window_positions(s.cache.lengths, W, K),
+        mask=_both_branches(ctx.spec, mask),
+        sees_cache=_both_branches(ctx.spec, sees_cache),
+    )
+
+
+def next_token_probs(ctx: Context, s: DecodeState, inputs: WindowInputs) -> tuple[jax.Array, KVCache]:
+    """Method step 2, pass: one forward pass over the window, classifier-free guidance,
+    then the family's logits processing into p_0..p_{W-1} [B, W, V].
+
+    Returns the cache with the window's keys/values written past the committed
+    lengths (not committed yet).
+    """
+    spec, B, W = ctx.spec, ctx.batch, ctx.spec.window
+    hidden, cache = M.forward(
+        ctx.params, ctx.cfg, inputs.embeds, inputs.positions,
+        mask=inputs.mask, cache=s.cache, sees_cache=inputs.sees_cache,
+    )  # fmt: skip
+    assert cache is not None
+    logits = _head(ctx.params, ctx.cfg, spec.head, hidden[:, :W])
+    if spec.guidance:
+        logits = S.guide(logits[:B], logits[B:], ctx.knobs.cfg_scale, spec.guidance_mode)
+    forced = jnp.take(ctx.forced, s.n_done[:, None] + jnp.arange(W)[None])  # for the token p_j predicts
+    k = ctx.knobs
+    return S.process(logits, ctx.allowed, forced, k.temperature, k.top_k, k.top_p), cache
+
+
+def verify(ctx: Context, window: Window, p: jax.Array, y: jax.Array, key_accept, key_residual) -> Verdict:
+    """Method step 3: test drafts d_1..d_{W-1} against p_0..p_{W-2}, left to right.
+
+    JD accepts d_i while it equals the model's own sample y_{i-1}; SJD and SJD2 accept
+    with probability min(1, p_{i-1}(d_i) / q_i(d_i)). After a accepted drafts comes one
+    more token: at a rejection a draw from normalize(max(p_a - q_{a+1}, 0)) (JD: y_a),
+    if all passed the bonus y_{W-1} ~ p_{W-1}. Exact SJD2 scans past a position only
+    if every input before it was clean; a draft accepted at a noisy-input position is
+    committed, but nothing after it.
+    """
+    spec = ctx.spec
+    B, W = ctx.batch, spec.window
+    if W == 1:  # AR: no drafts, commit the sample from p_0
+        return Verdict(num_commit=jnp.ones((B,), jnp.int32), tokens=y)
+    d = window.drafts
+    if spec.method == "jacobi":
+        ok = d == y[:, :-1]
+    else:
+        p_d = jnp.take_along_axis(p[:, :-1], d[..., None], -1)[..., 0]
+        q_d = jnp.take_along_axis(window.q, d[..., None], -1)[..., 0]
+        ok = jax.random.uniform(key_accept, (B, W - 1)) * q_d < p_d
+    ok = ok & window.has_draft
+    if spec.exact_sjd2:  # p_{i-1} is exact only if every input before position i was clean
+        clean = (window.level == 0).astype(jnp.int32)
+        ok = ok & jnp.concatenate([jnp.ones((B, 1), bool), jnp.cumprod(clean[:, :-1], 1).astype(bool)], 1)
+    a = _leading_true(ok)
+
+    if spec.method == "jacobi":
+        correction = _at(y, a)
+    else:  # no draft at position a+1 (SJD2, not predicted yet): the residual is p_a itself
+        rejected = jnp.minimum(a, W - 2)  # index of position a+1 among 1..W-1 (unused if all passed)
+        q_next = jnp.where(_at(window.has_draft, rejected)[:, None], _at(window.q, rejected), 0.0)
+        correction = S.sample(key_residual, S.residual(_at(p, a), q_next))
+    after = jnp.where(a == W - 1, y[:, W - 1], correction)
+    tokens = jnp.where(jnp.arange(W)[None] == a[:, None], after[:, None], jnp.pad(d, ((0, 0), (0, 1))))
+    count = a + 1
+    if spec.exact_sjd2:
+        stopped_at_noisy = (a > 0) & (_at(window.level, jnp.maximum(a - 1, 0)) > 0)
+        count = jnp.where(stopped_at_noisy, a, count)
+    return Verdict(num_commit=count, tokens=tokens)
+
+
+def commit(ctx: Context, s: DecodeState, cache: KVCache, tokens: jax.Array, count: jax.Array) -> DecodeState:
+    """Method step 4: append `count` [B] of `tokens` [B, W] to each row's output.
+
+    The newest committed token becomes window position 0; the cache commits the KV of
+    the `count` window positions whose inputs were the committed tokens and drops the
+    rest by not advancing past them.
+    """
+    # Tokens past `count` land in the output's scratch room and are overwritten next pass
+    # (a finished row, n_done = N, writes only into the room past N).
+    out = jax.vmap(lambda o, t, n: jax.lax.dynamic_update_slice(o, t, (n,)))(s.out, tokens, s.n_done)
+    newest = jnp.take(ctx.table, _at(tokens, jnp.maximum(count - 1, 0)), axis=0)
+    moved = _both_branches(ctx.spec, count > 0)
+    return dataclasses.replace(
+        s,
+        cache=cache.advance(_both_branches(ctx.spec, count)),
+        last_emb=jnp.where(moved[:, None], _both_branches(ctx.spec, newest).astype(s.last_emb.dtype), s.last_emb),
+        n_done=s.n_done + count,
+        out=out,
+    )
+
+
+def slide(ctx: Context, window: Window, p, y, count, n_done, key) -> Window:
+    """Method step 5: shift the window past the `count` committed tokens.
+
+    New position i takes the pass's sample y_{count+i-1} as its draft (q = p_{count+i-1});
+    an SJD2 position that survives also takes one denoise step toward that prediction;
+    positions beyond the pass are fresh. Structure tokens are then forced (step 6).
+    """
+    spec, B, W = ctx.spec, ctx.batch, ctx.spec.window
+    if W == 1:
+        return window
+    source = count[:, None] + jnp.arange(W - 1)[None]  # window index each new position 1..W-1 comes from
+    from_pass = source <= W - 1
+    drafts = _gather(y, jnp.minimum(source, W - 1))
+    q = _gather(p, jnp.minimum(source, W - 1))
+    fresh = fresh_positions(ctx, key, (B, W - 1))
+    z, level = window.z, window.level
+    if spec.method == "sjd2":
+        survives = source <= W - 2  # was a position 1..W-1 of this pass
+        old = jnp.minimum(source, W - 2)
+        if spec.noise.e0_hat == "sample":
+            e0_hat = predict_e0(spec.noise, ctx.table, ctx.stats, tokens=drafts)
+        else:
+            e0_hat = predict_e0(spec.noise, ctx.table, ctx.stats, probs=q)
+        z, level = denoise_step(_gather(window.z, old), _gather(window.level, old), e0_hat, spec.noise)
+        z, level = jnp.where(survives[..., None], z, fresh.z), jnp.where(survives, level, fresh.level)
+    slid = Window(
+        drafts=jnp.where(from_pass, drafts, fresh.drafts),
+        has_draft=from_pass | fresh.has_draft,
+        q=jnp.where(from_pass[..., None], q, fresh.q),
+        z=z,
+        level=level,
+    )
+    return force_structure(ctx, slid, n_done)
+
+
+def record_trace(spec: DecodeSpec, s: DecodeState) -> tuple[jax.Array, jax.Array]:
+    """Trajectory plots: the drafts entering iteration t (-1: none) and the tokens committed before it."""
+    if not spec.trace:
+        return s.trace_drafts, s.trace_done
+    t = jnp.minimum(s.it, spec.trace - 1)
+    record = s.it < spec.trace  # past the traced iterations, slot t is rewritten unchanged
+    drafts = jnp.where(s.window.has_draft, s.window.drafts, -1)
+    return (
+        s.trace_drafts.at[t].set(jnp.where(record, drafts, s.trace_drafts[t])),
+        s.trace_done.at[t].set(jnp.where(record, s.n_done, s.trace_done[t])),
+    )
+
+
+# ------------------------------------------------------------------------------------- loop
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "spec"))
@@ -184,197 +442,73 @@ def decode(
 ) -> DecodeResult:
     """Generate spec.num_tokens tokens per row after each prompt.
 
-    prompts: int [R, P] right-padded (R = B, or 2B with CFG: conditional rows first,
+    prompts: int [R, P] right-padded (R = B, or 2B with guidance: conditional rows first,
     then the unconditional ones); prompt_lens: int [R] (>= 1). forced: int [N] token id
     or -1 per generated index; allowed: bool [V] tokens free positions may take.
     stats: embedding statistics for SJD2 (default: over all rows of the input table).
     """
     R, P = prompts.shape
-    B = R // 2 if spec.cfg else R
+    B = R // 2 if spec.guidance else R
     W, N, K = spec.window, spec.num_tokens, spec.levels
+    chex.assert_shape(prompt_lens, (R,))
+    chex.assert_shape(forced, (N,))
+    chex.assert_shape(knobs.temperature, (B,))
     table = input_table(params, cfg, spec.head)
-    V, D = table.shape
+    D = table.shape[1]
     if stats is None:
         stats = embedding_stats(table) if spec.method == "sjd2" else EmbedStats(jnp.zeros(D), jnp.ones(D))
-    forced_ext = jnp.concatenate([forced.astype(jnp.int32), jnp.full((W + 1,), -1, jnp.int32)])
-    capacity = P + N + W + K
-
-    # Prefill: every prompt token but the last is committed; the last becomes window position 0.
-    cache = KVCache.create(cfg, R, capacity)
-    pos = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (R, P))
-    _, cache = M.forward(params, cfg, M.embed(params, cfg, prompts), pos, cache=cache)
-    cache = cache.with_lengths(prompt_lens - 1)
-    last_ids = jnp.take_along_axis(prompts, (prompt_lens - 1)[:, None], axis=1)[:, 0]
-    last_emb = M.embed(params, cfg, last_ids)
-
-    key, k0 = jax.random.split(key)
-    n0 = jnp.zeros((B,), jnp.int32)
-    drafts, has_draft, q, z, level = _fresh(k0, spec, allowed, (B, W - 1), V, D)
-    drafts, has_draft, q, z, level = _force(spec, forced_ext, n0, drafts, has_draft, q, z, level)
-    state = DecodeState(
-        cache,
-        last_emb,
-        n0,
-        drafts,
-        has_draft,
-        q,
-        z,
-        level,
-        jnp.zeros((B, N + W), jnp.int32),
-        jnp.zeros((B,), jnp.int32),
-        jnp.zeros((B, N), jnp.int32),
-        jnp.int32(0),
-        key,
-        jnp.full((max(spec.trace, 1), B, W - 1), -1, jnp.int32),
-        jnp.full((max(spec.trace, 1), B), N, jnp.int32),
+    ctx = Context(
+        params=params,
+        cfg=cfg,
+        spec=spec,
+        knobs=knobs,
+        batch=B,
+        table=table,
+        stats=stats,
+        timestep_emb=timestep_embeddings(K, stats) if K else jnp.zeros((0, D), jnp.float32),
+        forced=jnp.concatenate([forced.astype(jnp.int32), jnp.full((W + 1,), -1, jnp.int32)]),
+        allowed=allowed,
     )
-    ts_emb = timestep_embeddings(K, stats) if K else None
+    cache, last_emb = prefill(ctx, prompts, prompt_lens, capacity=P + N + W + K)
+    key, k_start = jax.random.split(key)
+    n_done = jnp.zeros((B,), jnp.int32)
+    state = DecodeState(
+        cache=cache,
+        last_emb=last_emb,
+        n_done=n_done,
+        window=force_structure(ctx, fresh_positions(ctx, k_start, (B, W - 1)), n_done),
+        out=jnp.zeros((B, N + W), jnp.int32),
+        steps=jnp.zeros((B,), jnp.int32),
+        accepted=jnp.zeros((B, N), jnp.int32),
+        it=jnp.int32(0),
+        key=key,
+        trace_drafts=jnp.full((max(spec.trace, 1), B, W - 1), -1, jnp.int32),
+        trace_done=jnp.full((max(spec.trace, 1), B), N, jnp.int32),
+    )
 
-    def rep(a):
-        return jnp.concatenate([a, a], 0) if spec.cfg else a
-
-    def step(s: DecodeState) -> DecodeState:
+    def iteration(s: DecodeState) -> DecodeState:
         active = s.n_done < N
-        key, k_u, k_y, k_r, k_f = jax.random.split(s.key, 5)
-
-        # 1. Window inputs: newest token (per row), then clean drafts or noisy points, then timestep tokens.
-        clean_in = jnp.take(table, s.drafts, axis=0).astype(jnp.float32)
-        real = jnp.where((s.level > 0)[..., None], unstandardize(s.z, stats), clean_in)
-        win_level = jnp.concatenate([jnp.zeros((B, 1), jnp.int32), s.level], 1)
-        if K:
-            mask, sees = window_masks(win_level, K)
-            tail = jnp.concatenate([real, jnp.broadcast_to(ts_emb, (B, K, D))], 1)
-            positions = window_positions(s.cache.lengths, W, K)
-        else:
-            mask, sees, tail = M.causal_mask(B, W), jnp.ones((B, W), bool), real
-            positions = s.cache.lengths[:, None] + jnp.arange(W, dtype=jnp.int32)[None]
-        x = jnp.concatenate([s.last_emb[:, None].astype(jnp.float32), rep(tail)], 1).astype(cfg.jnp_dtype)
-
-        # 2. One forward pass; guidance; processing into p_0..p_{W-1}.
-        hidden, cache = M.forward(params, cfg, x, positions, mask=rep(mask), cache=s.cache, sees_cache=rep(sees))
-        logits = _head(params, cfg, spec.head, hidden[:, :W])
-        if spec.cfg:
-            logits = S.guide(logits[:B], logits[B:], knobs.cfg_scale, spec.cfg_mode)
-        g = s.n_done[:, None] + jnp.arange(W)[None]  # generated index that p_j predicts
-        p = S.process(logits, allowed, jnp.take(forced_ext, g), knobs.temperature, knobs.top_k, knobs.top_p)
-        y = S.sample(k_y, p)  # the model's own sample after every window position
-
-        # 3. Verify drafts d_1..d_{W-1} against p_0..p_{W-2}, left to right.
-        if W > 1:
-            pw = p[:, : W - 1]
-            p_d = jnp.take_along_axis(pw, s.drafts[..., None], -1)[..., 0]
-            q_d = jnp.take_along_axis(s.q, s.drafts[..., None], -1)[..., 0]
-            if spec.method == "jacobi":
-                ok = s.has_draft & (s.drafts == y[:, : W - 1])
-            else:
-                u = jax.random.uniform(k_u, (B, W - 1))
-                ok = s.has_draft & (u * q_d < p_d)
-            if spec.method == "sjd2" and spec.exact:
-                # p_{i-1} is exact only if every input before position i was a clean committed token.
-                clean = s.level == 0
-                inputs_clean_before = jnp.concatenate(
-                    [jnp.ones((B, 1), bool), jnp.cumprod(clean[:, :-1].astype(jnp.int32), 1).astype(bool)], 1
-                )
-                ok = ok & inputs_clean_before
-            a = _leading_true(ok)  # accepted drafts
-            a_idx = jnp.clip(a, 0, W - 2)
-            if spec.method == "sjd2" and spec.exact:
-                # A draft accepted at a noisy-input position is committed, but nothing after it is exact.
-                last_level = jnp.take_along_axis(s.level, jnp.clip(a - 1, 0, W - 2)[:, None], 1)[:, 0]
-                stop_noisy = (a > 0) & (last_level > 0)
-            else:
-                stop_noisy = jnp.zeros((B,), bool)
-            # Rejection at position a+1: residual of p_a against q_{a+1} (JD: the model's own sample).
-            p_a = jnp.take_along_axis(p, a[:, None, None], 1)[:, 0]
-            q_next = jnp.take_along_axis(s.q, a_idx[:, None, None], 1)[:, 0]
-            has_next = jnp.take_along_axis(s.has_draft, a_idx[:, None], 1)[:, 0]
-            if spec.method == "jacobi":
-                fix = jnp.take_along_axis(y, a[:, None], 1)[:, 0]
-            else:
-                fix = S.sample(k_r, S.residual(p_a, jnp.where(has_next[:, None], q_next, 0.0)))
-            extra = jnp.where(a == W - 1, y[:, W - 1], fix)  # all accepted: bonus token from p_{W-1}
-            c = jnp.where(stop_noisy, a, a + 1)
-            cand = jnp.concatenate([s.drafts, jnp.zeros((B, 1), jnp.int32)], 1)
-            cand = jnp.where(jnp.arange(W)[None] == a[:, None], extra[:, None], cand)
-        else:
-            a = jnp.zeros((B,), jnp.int32)
-            c = jnp.ones((B,), jnp.int32)
-            cand = y[:, :1]
-
-        # 4. Commit c tokens; the KV of the window positions holding them stays (lengths += c).
-        c = jnp.where(active, jnp.minimum(c, N - s.n_done), 0)  # the last step may accept past the end
-        newest = jnp.take_along_axis(cand, jnp.maximum(c - 1, 0)[:, None], 1)[:, 0]
-        out = jax.vmap(lambda o, t, n: jax.lax.dynamic_update_slice(o, t, (n,)))(s.out, cand, s.n_done)
-        out = jnp.where(active[:, None], out, s.out)
-        cache = cache.replace(lengths=s.cache.lengths + rep(c))
-        new_emb = jnp.take(table, newest, axis=0)
-        last_emb = jnp.where(rep(c > 0)[:, None], rep(new_emb).astype(s.last_emb.dtype), s.last_emb)
-        n_done = s.n_done + c
-
-        # 5. Slide: new position i takes y_{c+i-1} as its draft (q = p_{c+i-1}); SJD2 positions that
-        # survive take one denoise step toward that prediction; the rest are fresh.
-        if W > 1:
-            j = c[:, None] + jnp.arange(W - 1)[None]  # source window index for new positions 1..W-1
-            jc = jnp.clip(j, 0, W - 1)
-            from_pass = j <= W - 1
-            nd = jnp.take_along_axis(y, jc, 1)
-            nq = jnp.take_along_axis(p, jc[..., None], 1)
-            fd, fh, fq, fz, fl = _fresh(k_f, spec, allowed, (B, W - 1), V, D)
-            drafts = jnp.where(from_pass, nd, fd)
-            has_draft = from_pass | fh
-            q = jnp.where(from_pass[..., None], nq, fq)
-            if spec.method == "sjd2":
-                survives = j <= W - 2
-                zc = jnp.take_along_axis(s.z, jnp.clip(j, 0, W - 2)[..., None], 1)
-                lc = jnp.take_along_axis(s.level, jnp.clip(j, 0, W - 2), 1)
-                if spec.noise.e0_hat == "sample":
-                    e0 = predict_e0(spec.noise, table, stats, tokens=nd)
-                else:
-                    e0 = predict_e0(spec.noise, table, stats, probs=nq)
-                zd, ld = denoise_step(zc, lc, e0, spec.noise)
-                z = jnp.where(survives[..., None], zd, fz)
-                level = jnp.where(survives, ld, fl)
-            else:
-                z, level = s.z, s.level
-            drafts, has_draft, q, z, level = _force(spec, forced_ext, n_done, drafts, has_draft, q, z, level)
-            keep = active[:, None]
-            drafts = jnp.where(keep, drafts, s.drafts)
-            has_draft = jnp.where(keep, has_draft, s.has_draft)
-            q = jnp.where(keep[..., None], q, s.q)
-            z = jnp.where(keep[..., None], z, s.z)
-            level = jnp.where(keep, level, s.level)
-        else:
-            drafts, has_draft, q, z, level = s.drafts, s.has_draft, s.q, s.z, s.level
-
-        accepted = s.accepted.at[:, jnp.minimum(s.it, N - 1)].set(c)  # c is 0 for finished rows
-        trace_drafts, trace_done = s.trace_drafts, s.trace_done
-        if spec.trace:
-            t = jnp.minimum(s.it, spec.trace - 1)
-            record = s.it < spec.trace  # past the traced iterations, slot t is rewritten unchanged
-            trace_drafts = trace_drafts.at[t].set(
-                jnp.where(record, jnp.where(s.has_draft, s.drafts, -1), trace_drafts[t])
-            )
-            trace_done = trace_done.at[t].set(jnp.where(record, s.n_done, trace_done[t]))
-        return DecodeState(
-            cache,
-            last_emb,
-            n_done,
-            drafts,
-            has_draft,
-            q,
-            z,
-            level,
-            out,
-            s.steps + active.astype(jnp.int32),
-            accepted,
-            s.it + 1,
-            key,
-            trace_drafts,
-            trace_done,
+        key, k_accept, k_sample, k_residual, k_fresh = jax.random.split(s.key, 5)
+        p, cache = next_token_probs(ctx, s, window_inputs(ctx, s))
+        y = S.sample(k_sample, p)  # the model's own sample after every window position
+        verdict = verify(ctx, s.window, p, y, k_accept, k_residual)
+        count = jnp.where(active, jnp.minimum(verdict.num_commit, N - s.n_done), 0)  # the last pass may overshoot N
+        new = commit(ctx, s, cache, verdict.tokens, count)
+        window = slide(ctx, s.window, p, y, count, new.n_done, k_fresh)
+        trace_drafts, trace_done = record_trace(spec, s)
+        return dataclasses.replace(
+            new,
+            window=_where_rows(active, window, s.window),
+            steps=s.steps + active.astype(jnp.int32),
+            accepted=s.accepted.at[:, jnp.minimum(s.it, N - 1)].set(count),
+            it=s.it + 1,
+            key=key,
+            trace_drafts=trace_drafts,
+            trace_done=trace_done,
         )
 
-    def running(s: DecodeState):
+    def running(s: DecodeState) -> jax.Array:
         return jnp.any(s.n_done < N) & (s.it < N)
 
-    final = jax.lax.while_loop(running, step, state)
+    final = jax.lax.while_loop(running, iteration, state)
     return DecodeResult(final.out[:, :N], final.steps, final.accepted, final.trace_drafts, final.trace_done)

@@ -9,6 +9,8 @@ advance past them and the next write overwrites them.
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -34,10 +36,10 @@ class KVCache:
 
     def advance(self, n) -> KVCache:
         """Commit n (scalar or int [B]) more entries per row."""
-        return self.replace(lengths=self.lengths + jnp.asarray(n, jnp.int32))
+        return dataclasses.replace(self, lengths=self.lengths + jnp.asarray(n, jnp.int32))
 
     def with_lengths(self, lengths) -> KVCache:
-        return self.replace(lengths=jnp.asarray(lengths, jnp.int32))
+        return dataclasses.replace(self, lengths=jnp.asarray(lengths, jnp.int32))
 
 
 def write_rows(buf: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:

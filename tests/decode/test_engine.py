@@ -2,6 +2,7 @@
 
 import itertools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,11 +52,11 @@ def greedy_setup():
     return params, jnp.asarray(prompts), jnp.asarray(lens), jnp.asarray(forced), jnp.asarray(allowed), B, N
 
 
-def run(setup, method, window=6, knobs=None, seed=1, **kw):
+def run(setup, method, window=6, knobs=None, seed=1, decode_fn=decode, **kw):
     params, prompts, lens, forced, allowed, B, N = setup
-    spec = DecodeSpec(method=method, window=window, num_tokens=N, cfg=True, noise=NoiseConfig(num_levels=3), **kw)
+    spec = DecodeSpec(method=method, window=window, num_tokens=N, guidance=True, noise=NoiseConfig(num_levels=3), **kw)
     knobs = knobs or Sampling.make(B, temperature=0.0, cfg_scale=3.0)
-    return decode(params, CFG, spec, prompts, lens, forced, allowed, knobs, jax.random.key(seed))
+    return decode_fn(params, CFG, spec, prompts, lens, forced, allowed, knobs, jax.random.key(seed))
 
 
 def test_greedy_methods_agree_with_cfg_and_ragged_batch(greedy_setup):
@@ -88,10 +89,10 @@ def test_structure_tokens_and_image_restriction(greedy_setup):
 
 def test_changing_knobs_does_not_recompile(greedy_setup):
     B = greedy_setup[-2]
-    run(greedy_setup, "sjd2", knobs=Sampling.make(B, temperature=1.0, top_k=5, cfg_scale=2.0))
-    before = decode._cache_size()
-    run(greedy_setup, "sjd2", knobs=Sampling.make(B, temperature=0.7, top_k=3, top_p=0.9, cfg_scale=4.0), seed=9)
-    assert decode._cache_size() == before
+    traced_once = jax.jit(chex.assert_max_traces(decode.__wrapped__, n=1), static_argnames=("cfg", "spec"))
+    run(greedy_setup, "sjd2", knobs=Sampling.make(B, temperature=1.0, top_k=5, cfg_scale=2.0), decode_fn=traced_once)
+    knobs = Sampling.make(B, temperature=0.7, top_k=3, top_p=0.9, cfg_scale=4.0)
+    run(greedy_setup, "sjd2", knobs=knobs, seed=9, decode_fn=traced_once)  # a second trace would raise
 
 
 # ----------------------------------------------------------------------------- distribution
@@ -164,7 +165,7 @@ def test_sampling_matches_exact_ar_distribution(dist_setup, method, kw):
         window=kw.get("window", 4),
         num_tokens=NTOK,
         noise=NoiseConfig(num_levels=2),
-        cfg=cfg_scale != 1.0,
+        guidance=cfg_scale != 1.0,
     )
     r = decode(
         params,
