@@ -188,10 +188,10 @@ def _check_model_defaults(args, model_dir) -> None:
     saved = ckpt.generation_defaults(model_dir)
     stored = saved.get("sampling", {})
     try:
-        check_sampling(
-            *(stored.get(k) for k in ("temperature", "top_k", "top_p", "cfg_scale")),
-            where=f" (in {Path(model_dir) / ckpt.GENERATION_FILE}; override it with the flag)",
-        )
+        for knob in ("temperature", "top_k", "top_p", "cfg_scale"):
+            if getattr(args, knob) is None and knob in stored:  # a given flag overrides the saved value
+                where = f" (in {Path(model_dir) / ckpt.GENERATION_FILE}; {_flag(knob)} overrides it)"
+                check_sampling(**{knob: stored[knob]}, where=where)
         check_schedule(
             args.method,
             saved,

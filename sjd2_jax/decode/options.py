@@ -111,12 +111,13 @@ def check_schedule(
 
 def check_generate_options(method: str, saved: Mapping, method_options: Mapping, sampling: tuple) -> dict:
     """`generate`'s checks: its sampling knobs (temperature, top_k, top_p, cfg_scale as given,
-    None = default; and the checkpoint's saved ones) and its noise options against the
+    None = the checkpoint's saved value, checked too) and its noise options against the
     recorded schedule. Returns method_options without the `allow_schedule_mismatch` switch."""
     opts = dict(method_options)
     allow = bool(opts.pop(ALLOW_SCHEDULE_MISMATCH, False))
     check_sampling(*sampling)
     stored = saved.get("sampling", {})
-    check_sampling(**{k: stored[k] for k in SAMPLING_KNOBS if k in stored}, where=" (in sjd2_generation.json)")
+    unset = {k: stored[k] for k, v in zip(SAMPLING_KNOBS, sampling, strict=True) if v is None and k in stored}
+    check_sampling(**unset, where=" (in sjd2_generation.json; giving the value overrides it)")
     check_schedule(method, saved, opts, allow=allow)
     return opts

@@ -238,6 +238,27 @@ def test_levels_other_than_the_fine_tunes_schedule_are_refused(tmp_path, capsys,
     assert not (tmp_path / "o").exists()
 
 
+def test_a_bad_saved_sampling_value_is_refused_unless_overridden(tmp_path, capsys, monkeypatch):
+    ckpt_dir = shutil.copytree(sjd2_jax.DEMO_MODEL, tmp_path / "ckpt")
+    gen = json.loads((ckpt_dir / "sjd2_generation.json").read_text())
+    gen["sampling"]["temperature"] = -1.0
+    (ckpt_dir / "sjd2_generation.json").write_text(json.dumps(gen))
+    argv = ["--model", str(ckpt_dir), "--prompt", "a 1", "--out", str(tmp_path / "o")]
+    assert _infer(argv) == 2
+    _one_error_line(capsys.readouterr().err, "temperature must be", "got -1.0", "sjd2_generation.json", "--temperature")
+
+    class Reached(Exception):
+        pass
+
+    def load(*a, **k):
+        raise Reached
+
+    monkeypatch.setattr(sjd2_jax, "load", load)
+    with pytest.raises(Reached):  # every check passed: the run went on to load the model
+        _infer([*argv, "--temperature", "0.5"])
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize(
     "argv,expect",
     [

@@ -103,3 +103,18 @@ def test_check_functions_name_values_the_way_the_caller_spells_them():
     check_schedule("sjd2", saved, {"levels": 8}, allow=True)
     check_schedule("sjd2", {}, {"levels": 8})  # nothing recorded (not an SJD2 fine-tune): nothing to match
     check_schedule("sjd2", saved, {"window": 16})  # the window is not part of the schedule
+
+
+def test_a_bad_saved_sampling_value_is_refused_unless_overridden(tmp_path, stub_decode):
+    import json
+    import shutil
+
+    ckpt_dir = shutil.copytree(sjd2_jax.DEMO_MODEL, tmp_path / "ckpt")
+    gen = json.loads((ckpt_dir / "sjd2_generation.json").read_text())
+    gen["sampling"]["top_p"] = 0.0
+    (ckpt_dir / "sjd2_generation.json").write_text(json.dumps(gen))
+    model = sjd2_jax.load(ckpt_dir)
+    with pytest.raises(ValueError, match=r"top_p must be .*, got 0\.0 \(in sjd2_generation\.json"):
+        sjd2_jax.generate(model, ["a 1"], method="sjd2")
+    with pytest.raises(Reached):
+        sjd2_jax.generate(model, ["a 1"], method="sjd2", top_p=0.9)
