@@ -25,7 +25,14 @@ def _parser() -> argparse.ArgumentParser:
         "--mesh", default=None, help="device mesh, e.g. data=2,fsdp=2,tensor=2 (default: all devices on data)"
     )
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--steps", type=int, default=None, help="optimizer steps (default 100)")
+    g.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="optimizer steps (default 100). The learning-rate schedule (warm-up, cosine decay to --steps) is "
+        "fixed when a run starts; with --resume a different --steps continues that schedule and only moves "
+        "where training stops",
+    )
     g.add_argument("--epochs", type=int, default=None, help="passes over the dataset")
     p.add_argument("--batch-size", type=int, default=8, help="global batch size (default 8)")
     p.add_argument("--lr", type=float, default=2e-5, help="peak AdamW learning rate (default 2e-5, the paper's)")
@@ -76,7 +83,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (async)")
     p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
-    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --out")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest intact checkpoint in --out (a damaged one is kept as "
+        "checkpoints/step_N.damaged-REASON and reported); settings other than --steps, --compute-dtype and "
+        "--remat must match the run's (recorded in run.json)",
+    )
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (the one-line summary at each checkpoint is still printed)",
+    )
     p.add_argument(
         "--plan",
         action="store_true",
@@ -137,8 +155,9 @@ def main(argv=None) -> int:
             save_every=args.save_every,
             keep=args.keep,
             resume=args.resume,
+            progress=not args.no_progress,
         )
-    except (ValueError, TrainError, DataError, CheckpointError, FileNotFoundError) as e:
+    except (ValueError, TrainError, DataError, CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -43,8 +43,9 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="L",
-        help="padded sequence length; longer records are bad records (default: the longest "
-        f"record rounded up to a multiple of {SEQ_LEN_MULTIPLE})",
+        help="padded sequence length, at most the model's context (max_position_embeddings); longer records "
+        f"are bad records (default: the longest record rounded up to a multiple of {SEQ_LEN_MULTIPLE}, at most the "
+        "context). Records longer than the context are bad records either way",
     )
     return p
 

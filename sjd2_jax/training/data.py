@@ -226,7 +226,8 @@ class Dataset:
                 out[key][rows[order]] = self._arrays[s][key][local[order]]
         return out
 
-    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    def __getitem__(self, i: int) -> dict:
+        """{"tokens": int32 [n], "kind": uint8 [n], "length": n} of record i, unpadded."""
         if not -len(self) <= i < len(self):
             raise IndexError(f"record {i} out of range [0, {len(self)})")
         r = self.gather([i % len(self)])
@@ -300,7 +301,8 @@ class Loader:
                 + (" (drop_remainder=True)" if self.drop_remainder and n else "")
             )
         self.epoch, self.position = 0, 0
-        self._perm_epoch, self._perm = None, None
+        self._perm_epoch: int | None = None
+        self._perm = np.empty((0,), np.int64)
         if state is not None:
             self.restore(state)
 

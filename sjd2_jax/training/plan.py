@@ -47,6 +47,14 @@ PRESETS = {
 }
 
 
+def count_text(n: int) -> str:
+    """A parameter count people read at a glance: 6.74 B, 1.23 M, 45.6 K, 512 (never "0.00 B")."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= 0.9995 * scale:  # (999,999 reads "1 M", not "1000 K")
+            return f"{n / scale:.3g} {unit}" if n < 100 * scale else f"{n / scale:.0f} {unit}"
+    return str(n)
+
+
 def _per_device_bytes(tree) -> int:
     """Bytes one device holds of an abstract sharded tree (the largest shard of each leaf)."""
     total = 0
@@ -93,7 +101,7 @@ def plan(model_dir, preset, tc: TrainConfig, mesh_text, seq_len: int) -> str:
     gib = lambda b: f"{b / 2**30:8.2f} GiB"
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params))
     lines = [
-        f"model: {preset or model_dir} ({cfg.family}, {n_params / 1e9:.2f} B parameters, {tc.param_dtype} master, "
+        f"model: {preset or model_dir} ({cfg.family}, {count_text(n_params)} parameters, {tc.param_dtype} master, "
         f"{tc.compute_dtype} compute{', remat' if tc.remat else ''})",
         f"mesh: {dict(mesh.shape)} on {mesh.devices.size} x {mesh.devices.flat[0].platform} devices; "
         f"global batch {B} x {T} tokens (+{tc.levels} timestep tokens)",

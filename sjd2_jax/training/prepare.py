@@ -14,13 +14,17 @@ record fixes the
 dataset's image size; records of another size are bad records.
 
 Bad records (invalid JSON, missing or mistyped caption/codes, ragged grids, grids the family
-cannot express, codes without an image token, sequences longer than --seq-len) are named by
-line number. --on-error reject (default) stops at the first with `error: line N: ...`, exit 2,
+cannot express, codes out of range or without an image token, captions the tokenizer refuses,
+sequences longer than the model's context (max_position_embeddings: `infer` could never take
+such a prompt) or than --seq-len) are named by line number. The length checks come before any
+padding, so one huge caption cannot set the padded length of the whole dataset.
+--on-error reject (default) stops at the first with `error: line N: ...`, exit 2,
 and leaves no OUT_DIR (everything is written to a temporary sibling folder and renamed at the
 end); --on-error skip drops them, lists them on stderr and in index.json ("skipped_lines").
 
 Records are tokenized once and staged unpadded next to the output, so the default --seq-len
-(the longest record rounded up to a multiple of 64) costs no second tokenization pass.
+(the longest record rounded up to a multiple of 64, at most the model's context) costs no second
+tokenization pass.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from sjd2_jax.training.data import KIND_IMAGE, KIND_PROMPT, KIND_STRUCTURE, Data
 
 SEQ_LEN_MULTIPLE = 64
 CHUNK = 256  # records tokenized per prompt_ids call
+CODE_LIMIT = 2**31  # codes are int32 token-table indices; anything larger is a bad record, not an overflow
 
 
 class RecordError(Exception):
@@ -65,6 +70,10 @@ def parse_record(line: int, raw: bytes):
         raise RecordError(line, f"not UTF-8 ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise RecordError(line, f"invalid JSON ({e.msg} at column {e.colno})") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise RecordError(line, f"invalid JSON ({str(e).split(';')[0][:120]})") from None
+    except RecursionError:
+        raise RecordError(line, "invalid JSON (nested too deeply)") from None
     if not isinstance(rec, dict):
         raise RecordError(line, f"expected a JSON object, got {type(rec).__name__}")
     for key in ("caption", "codes"):
@@ -73,6 +82,11 @@ def parse_record(line: int, raw: bytes):
     caption, codes = rec["caption"], rec["codes"]
     if caption is not None and not isinstance(caption, str):
         raise RecordError(line, f'"caption" must be a string or null, got {type(caption).__name__}')
+    if caption is not None:
+        try:
+            caption.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate escape such as "\\ud800"
+            raise RecordError(line, f'"caption" is not valid Unicode ({e.reason} at character {e.start})') from None
     if not isinstance(codes, list) or not codes or not all(isinstance(r, list) for r in codes):
         raise RecordError(line, '"codes" must be a non-empty 2-D list (rows of image codes)')
     w = len(codes[0])
@@ -84,6 +98,9 @@ def parse_record(line: int, raw: bytes):
         for j, c in enumerate(row):
             if type(c) is not int:
                 raise RecordError(line, f'"codes"[{i}][{j}] is {json.dumps(c)}, not an integer')
+            if not -CODE_LIMIT <= c < CODE_LIMIT:
+                text = str(c) if len(str(c)) <= 40 else f"{str(c)[:20]}...({len(str(c))} digits)"
+                raise RecordError(line, f"code {text} at [{i}][{j}] is out of range (image codes are small integers)")
     return caption, np.asarray(codes, np.int64)
 
 
@@ -183,6 +200,11 @@ def prepare(
         raise FileNotFoundError(f"input {jsonl} is not a file")
     model = load_model_meta(model_dir)
     L.tokenizer_of(model, required=True)  # captions are text: fail once here, not per record
+    context = int(model.config.max_position_embeddings)  # a longer record could never be trained on
+    if seq_len is not None and seq_len > context:
+        raise ValueError(
+            f"--seq-len {seq_len} exceeds the model's context of {context} positions (max_position_embeddings)"
+        )
     enc = _Encoder(model)
 
     with ckpt.atomic_output_dir(out) as tmp:  # renamed to `out` only if everything succeeds
@@ -199,11 +221,38 @@ def prepare(
                     raise err
                 skipped.append((err.line, err.message))
 
+            def encode_each(batch):
+                """Per record (after a failed batch): the record the tokenizer refuses is named."""
+                out = []
+                for line, caption, codes in batch:
+                    try:
+                        out.append(enc.encode([caption], [codes])[0])
+                    except Exception as e:  # the tokenizer's own error types
+                        out.append(RecordError(line, f"cannot be tokenized ({type(e).__name__}: {str(e)[:120]})"))
+                return out
+
             def flush():
                 if not pending:
                     return
-                encoded = enc.encode([c for _, c, _ in pending], [g for _, _, g in pending])
-                for (line, _, _), (toks, kind) in zip(pending, encoded, strict=True):
+                try:
+                    encoded = enc.encode([c for _, c, _ in pending], [g for _, _, g in pending])
+                except Exception:
+                    encoded = encode_each(pending)
+                for (line, _, _), result in zip(pending, encoded, strict=True):
+                    if isinstance(result, RecordError):
+                        bad(result)
+                        continue
+                    toks, kind = result
+                    # Before any padding: one over-long record must not set the padded length of all.
+                    if toks.shape[0] > context:
+                        bad(
+                            RecordError(
+                                line,
+                                f"sequence of {toks.shape[0]} tokens exceeds the model's context of {context} "
+                                "positions (max_position_embeddings); shorten the caption",
+                            )
+                        )
+                        continue
                     if seq_len is not None and toks.shape[0] > seq_len:
                         bad(RecordError(line, f"sequence of {toks.shape[0]} tokens exceeds --seq-len {seq_len}"))
                         continue
@@ -241,7 +290,7 @@ def prepare(
             why = f" ({len(skipped)} bad records skipped)" if skipped else ""
             raise ValueError(f"{jsonl}: no valid records{why}")
         longest = max(lengths)
-        T = seq_len if seq_len is not None else -(-longest // SEQ_LEN_MULTIPLE) * SEQ_LEN_MULTIPLE
+        T = seq_len if seq_len is not None else min(-(-longest // SEQ_LEN_MULTIPLE) * SEQ_LEN_MULTIPLE, context)
         total = sum(lengths)
         toks = np.memmap(stage / "tokens.bin", np.int32, "r", shape=(total,))
         kinds = np.memmap(stage / "kind.bin", np.uint8, "r", shape=(total,))

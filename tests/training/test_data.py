@@ -280,9 +280,10 @@ def test_prepare_cli_help_and_bad_flags(tmp_path):
     assert not (tmp_path / "d").exists()
 
 
-def _meta_checkpoint(folder, family):
+def _meta_checkpoint(folder, family, context=4096):
     """A parameter-less checkpoint folder (sjd2_config.json, hf_config.json, tokenizer.json): all that
-    prepare reads. Emu3 with the layout vocabulary; Janus-Pro with a fixed 4x4 generation grid."""
+    prepare reads. Emu3 with the layout vocabulary; Janus-Pro with a fixed 4x4 generation grid.
+    `context`: max_position_embeddings."""
     from sjd2_jax.io.checkpoint import HF_CONFIG_FILE, write_config
     from sjd2_jax.model.config import ModelConfig
 
@@ -301,6 +302,7 @@ def _meta_checkpoint(folder, family):
             intermediate_size=8,
             image_vocab_size=16,
             image_embed_dim=4,
+            max_position_embeddings=context,
         )
         hf = {"vq_config": {"num_patches": 4}}
     else:
@@ -313,6 +315,7 @@ def _meta_checkpoint(folder, family):
             num_heads=1,
             num_kv_heads=1,
             intermediate_size=8,
+            max_position_embeddings=context,
         )
         hf = {"vocabulary_map": vm}
     write_config(folder, cfg)
@@ -352,6 +355,81 @@ def test_prepare_emu3_janus(tmp_path, capsys, family, grid, n_codes):
         assert r["tokens"][:p].tolist() == cond[k] and (r["kind"][:p] == D.KIND_PROMPT).all()
         np.testing.assert_array_equal(plan.tokens_to_codes(r["tokens"][p:]), np.array(rec["codes"]))
         np.testing.assert_array_equal(r["kind"][p:], np.where(plan.free, D.KIND_IMAGE, D.KIND_STRUCTURE))
+
+
+CONTEXT = 160  # max_position_embeddings of the long-record tests' checkpoint
+ODD = {  # record -> words its per-line message must hold
+    "long_caption": ({"caption": "a" * 20_000, "codes": [[1] * 5] * 3}, "exceeds the model's context of 160"),
+    "over_context": ({"caption": "b" * 150, "codes": [[1] * 5] * 3}, "exceeds the model's context of 160"),
+    "huge_id": (
+        {"caption": "c", "codes": [[1] * 5, [1, 10**30, 1, 1, 1], [1] * 5]},
+        "code 1000000000000000000000000000000 at [1][1] is out of range",
+    ),
+    "huge_digits": ('{"caption": "d", "codes": [[' + "9" * 5000 + "]]}", "invalid JSON"),
+    "lone_surrogate": (
+        '{"caption": "\\ud800", "codes": [[1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]]}',
+        "not valid Unicode",
+    ),
+}
+
+
+def _odd_lines():
+    good = [
+        {"caption": c, "codes": np.random.default_rng(k).integers(0, 32, (3, 5)).tolist()}
+        for k, c in enumerate(CAPTIONS[:4])
+    ]
+    lines, where = [good[0]], {}
+    for k, name in enumerate(sorted(ODD)):
+        lines.append(ODD[name][0])
+        where[name] = len(lines)
+        lines.append(good[1 + k % 3])
+    return lines, where
+
+
+@pytest.mark.parametrize("case", sorted(ODD))
+def test_prepare_rejects_odd_record_naming_its_line(tmp_path, capsys, case):
+    ckpt = _meta_checkpoint(tmp_path / "ckpt", "emu3", context=CONTEXT)
+    lines, _ = _odd_lines()
+    src = _write_jsonl(tmp_path / "in.jsonl", [lines[0], ODD[case][0], lines[2]])
+    rc, stdout, err = _run_main([src, tmp_path / "out" / "d", "--model", ckpt], capsys)
+    assert rc == 2 and stdout == "", err
+    assert err.startswith("error: line 2: ") and ODD[case][1] in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out" / "d").exists()
+
+
+def test_prepare_skips_odd_records_and_memory_stays_bounded(tmp_path, capsys):
+    """One 20,000-character caption must not set the padded length of every record (4096 rows x 20k
+    tokens would be 400 MB here, 30 GiB for a 2 MB caption): it is a bad record before any padding."""
+    import tracemalloc
+
+    ckpt = _meta_checkpoint(tmp_path / "ckpt", "emu3", context=CONTEXT)
+    lines, where = _odd_lines()
+    src = _write_jsonl(tmp_path / "in.jsonl", lines)
+    tracemalloc.start()
+    try:
+        rc, _, err = _run_main([src, tmp_path / "d", "--model", ckpt, "--on-error", "skip"], capsys)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert rc == 0, err
+    for name, line in where.items():
+        assert f"skipped line {line}: {ODD[name][1]}" in err or (
+            f"skipped line {line}: " in err and ODD[name][1] in err.split(f"skipped line {line}: ")[1].splitlines()[0]
+        ), (name, err)
+    index = json.loads((tmp_path / "d" / "index.json").read_text())
+    assert index["skipped_lines"] == sorted(where.values())
+    assert index["num_records"] == len(lines) - len(where)
+    assert index["longest_record"] <= index["seq_len"] <= CONTEXT
+    assert peak < 64 << 20, f"peak {peak / 2**20:.0f} MiB"
+
+
+def test_prepare_seq_len_beyond_context_is_refused(tmp_path, capsys):
+    ckpt = _meta_checkpoint(tmp_path / "ckpt", "emu3", context=CONTEXT)
+    src = _write_jsonl(tmp_path / "in.jsonl", [{"caption": "a", "codes": [[1] * 5] * 3}])
+    rc, _, err = _run_main([src, tmp_path / "d", "--model", ckpt, "--seq-len", 161], capsys)
+    assert rc == 2 and err.strip() == (
+        "error: --seq-len 161 exceeds the model's context of 160 positions (max_position_embeddings)"
+    )
 
 
 # ----------------------------------------------------------------------------- loader

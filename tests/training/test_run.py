@@ -239,8 +239,10 @@ def test_sigterm_saves_and_corrupt_latest_falls_back(assets, tmp_path):
     p = _cli([*common[:-6], "--steps", steps[0] + 2, "--save-every", 1000, "--out", tmp_path / "r", "--resume"])
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
-    assert f"checkpoint at step {newest} cannot be restored" in out + err
+    assert f"warning: checkpoint at step {newest} is damaged (" in out + err
+    assert (tmp_path / "r" / "checkpoints" / f"step_{newest}.damaged-checksum").is_dir()
     assert f"resumed from step {steps[0]}" in out + err
+    assert "the learning-rate schedule continues as recorded" in out  # --steps differs from the run's 400
 
 
 def test_plan_reports_memory_without_allocating(assets):
@@ -249,6 +251,16 @@ def test_plan_reports_memory_without_allocating(assets):
     text = plan(assets[0], None, TrainConfig(batch_size=8, **TC), "data=2,fsdp=2,tensor=2", 64)
     assert "parameters" in text and "optimizer state" in text and "activations" in text
     assert "'tensor': 2" in text
+    n = sum(np.asarray(x).size for x in jax.tree.leaves(numpy_params(CFG, 0)))
+    assert 10_000 < n < 100_000 and f"{n / 1e3:.3g} K parameters" in text and "0.00 B" not in text
+
+
+def test_parameter_counts_read_at_a_glance():
+    from sjd2_jax.training.plan import count_text
+
+    cases = {512: "512", 45_600: "45.6 K", 999_999: "1 M", 1_234_567: "1.23 M", 123_456_789: "123 M"}
+    cases |= {6_738_415_616: "6.74 B", 0: "0"}
+    assert {n: count_text(n) for n in cases} == cases
 
 
 def test_cli_errors_are_one_line(assets, tmp_path):
