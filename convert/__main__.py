@@ -45,6 +45,23 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _require_torch() -> None:
+    """`convert check` runs the transformers (PyTorch) reference: say how to get torch, before any work."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise ValueError(
+            "convert check needs PyTorch for the transformers reference model, and torch is not installed; "
+            "install the test extra: pip install -e '.[test]'"
+        ) from None
+
+
+def _os_error(e: OSError) -> str:
+    """One line for a failed file operation: what failed, on which path."""
+    where = f": {e.filename}" if e.filename else ""
+    return f"{e.strerror or e}{where}"
+
+
 def _run(args) -> int:
     from sjd2_jax.io.exporter import export_checkpoint
     from sjd2_jax.io.importer import import_checkpoint
@@ -68,6 +85,7 @@ def _run(args) -> int:
     elif args.cmd == "check":
         if args.length < 1 or args.batch < 1:
             raise ValueError("--length and --batch must be positive")
+        _require_torch()
         print(format_report(check(args.src, args.ckpt, length=args.length, batch=args.batch, seed=args.seed)))
     return 0
 
@@ -77,11 +95,23 @@ def main(argv=None) -> int:
     from sjd2_jax.families.mapping import ConversionError
     from sjd2_jax.io.checkpoint import CheckpointError
     from sjd2_jax.io.safetensors_file import FormatError
+    from sjd2_jax.io.torch_bin import BinError
 
     try:
         return _run(args)
-    except (ConversionError, FormatError, CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
+    except (
+        ConversionError,
+        FormatError,
+        CheckpointError,
+        BinError,
+        FileExistsError,
+        FileNotFoundError,
+        ValueError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
+        return USAGE_ERRORS
+    except OSError as e:  # a read-only destination, a full disk: nothing was left behind (atomic_output_dir)
+        print(f"error: {_os_error(e)}", file=sys.stderr)
         return USAGE_ERRORS
     except KeyboardInterrupt:
         print("interrupted; no output folder was left behind", file=sys.stderr)

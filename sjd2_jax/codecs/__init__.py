@@ -18,7 +18,12 @@ from typing import Protocol
 
 import numpy as np
 
+from sjd2_jax.io.paths import UnsafePathError, inside
+
 CODEC_FILE = "image_codec.json"
+# Keys of image_codec.json that name a file or folder of the checkpoint; each must be a plain
+# relative name inside the checkpoint folder (checked before any codec loader runs).
+FILE_KEYS = ("codebook", "params")
 
 # kind -> "module:loader"; the loader takes (folder, meta dict) and returns an ImageCodec.
 _KINDS = {
@@ -68,7 +73,17 @@ def read_codec_meta(folder) -> dict | None:
     if not isinstance(meta, dict) or meta.get("kind") not in _KINDS:
         kind = meta.get("kind") if isinstance(meta, dict) else None
         raise CodecError(f"{path}: unknown codec kind {kind!r}; known: {', '.join(_KINDS)}")
+    for key in FILE_KEYS:
+        if key in meta:
+            _inside(folder, meta[key], f"{path} {key!r}")
     return meta
+
+
+def _inside(folder, name, what: str) -> Path:
+    try:
+        return inside(folder, name, what)
+    except UnsafePathError as e:
+        raise CodecError(str(e)) from None
 
 
 def load_codec(folder) -> ImageCodec | None:
@@ -92,4 +107,8 @@ def _load_cached(folder: str, mtime_ns: int) -> ImageCodec:
 def codec_files(folder) -> tuple[str, ...]:
     """Names of the files that make up a checkpoint folder's codec (empty without one)."""
     codec = load_codec(folder)
-    return codec.files if codec is not None else ()
+    if codec is None:
+        return ()
+    for name in codec.files:
+        _inside(folder, name, f"{Path(folder) / CODEC_FILE}: codec file")
+    return codec.files

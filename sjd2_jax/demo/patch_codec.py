@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sjd2_jax.io.paths import inside
+
 CODEC_FILE = "image_codec.json"
 CODEBOOK_FILE = "codebook.npy"
 KIND = "patch_vq"
@@ -105,7 +107,8 @@ class PatchCodec:
             meta = json.loads((folder / CODEC_FILE).read_text())
             if meta.get("kind") != KIND:
                 raise ValueError(f"unknown codec kind {meta.get('kind')!r}")
-            book = np.load(folder / meta["codebook"], allow_pickle=False).astype(np.float32)
+            book = np.load(inside(folder, meta["codebook"], f"{CODEC_FILE} codebook"), allow_pickle=False)
+            book = book.astype(np.float32)
             grid_h, grid_w = (int(g) for g in meta["grid"])
         except (OSError, KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{folder / CODEC_FILE}: unreadable image codec ({e})") from None

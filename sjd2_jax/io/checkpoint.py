@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from sjd2_jax.io.paths import UnsafePathError, inside
 from sjd2_jax.model import transformer as M
 from sjd2_jax.model.config import ModelConfig
 
@@ -135,8 +136,10 @@ def read_meta(ckpt_dir: str | os.PathLike) -> dict:
         raise CheckpointError(f"{ckpt_dir} is not an sjd2-jax checkpoint folder (no {CONFIG_FILE})")
     try:
         meta = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{f}: invalid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{f}: not an sjd2-jax checkpoint (a JSON {type(meta).__name__}, not an object)")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{f}: not an sjd2-jax checkpoint (format {meta.get('format')!r})")
     if meta.get("version") != VERSION:
@@ -145,10 +148,14 @@ def read_meta(ckpt_dir: str | os.PathLike) -> dict:
 
 
 def read_config(ckpt_dir) -> ModelConfig:
+    """The checkpoint's ModelConfig; its values are type- and range-checked (model.config.RULES)."""
+    meta = read_meta(ckpt_dir)
+    if "model" not in meta:
+        raise CheckpointError(f"{ckpt_dir}/{CONFIG_FILE}: no model config")
     try:
-        return ModelConfig.from_json(read_meta(ckpt_dir)["model"])
+        return ModelConfig.from_json(meta["model"])
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{ckpt_dir}: bad model config ({e})") from None
+        raise CheckpointError(f"{Path(ckpt_dir) / CONFIG_FILE}: bad model config ({e})") from None
 
 
 def load_params(ckpt_dir, cfg: ModelConfig | None = None, dtype=None, shardings=None):
@@ -254,13 +261,31 @@ def write_generation_defaults(ckpt_dir, defaults: dict) -> None:
 
 
 def copy_files(src, dst, names) -> list[str]:
-    """Copy the files of `names` that exist in src to dst; returns the copied names."""
+    """Copy the files of `names` that exist in src to dst; returns the copied names.
+    Each name must be a plain relative name inside both folders (paths.inside)."""
     copied = []
     for name in names:
-        if (Path(src) / name).is_file():
-            shutil.copy2(Path(src) / name, Path(dst) / name)
+        try:
+            source = inside(src, name, f"file {name!r} of {src}")
+        except UnsafePathError as e:
+            raise CheckpointError(str(e)) from None
+        if source.is_file():
+            target = Path(dst) / source.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
             copied.append(name)
     return copied
+
+
+def check_tokenizer_file(path: Path) -> None:
+    """Refuse a tokenizer.json that the `tokenizers` library cannot load, naming the file."""
+    from tokenizers import Tokenizer
+
+    try:
+        Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception with serde's message
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable tokenizer ({msg})") from None
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:

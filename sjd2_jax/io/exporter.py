@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -11,6 +12,7 @@ import numpy as np
 from sjd2_jax.families import mapping as F
 from sjd2_jax.io import checkpoint as ckpt
 from sjd2_jax.io import safetensors_file as st
+from sjd2_jax.io.config_values import ConfigValueError, check_source_config
 from sjd2_jax.io.importer import EXTRA_FILES, NP_DTYPES
 
 
@@ -18,6 +20,16 @@ def _get(tree, path):
     for p in path:
         tree = tree[p]
     return tree
+
+
+def _read_hf_config(path: Path) -> dict:
+    """The source config.json kept by import, with the same checks as when it was imported."""
+    try:
+        return check_source_config(json.loads(path.read_text()), str(path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ckpt.CheckpointError(f"{path}: invalid JSON ({e})") from None
+    except ConfigValueError as e:
+        raise ckpt.CheckpointError(str(e)) from None
 
 
 def export_checkpoint(ckpt_dir, out, dtype: str | None = None, max_shard_bytes: int = 5 * 2**30) -> dict:
@@ -30,7 +42,7 @@ def export_checkpoint(ckpt_dir, out, dtype: str | None = None, max_shard_bytes: 
     if dtype not in NP_DTYPES:
         raise F.ConversionError(f"unsupported --dtype {dtype!r}; choose float32 or bfloat16")
     hf_file = ckpt_dir / ckpt.HF_CONFIG_FILE
-    hf_source = json.loads(hf_file.read_text()) if hf_file.is_file() else {}
+    hf_source = _read_hf_config(hf_file) if hf_file.is_file() else {}
     src = meta.get("source", {})
     layout = F.get_layout(cfg.family, src.get("layout", "hf"))
     params = ckpt.load_params(ckpt_dir, cfg)
@@ -40,7 +52,8 @@ def export_checkpoint(ckpt_dir, out, dtype: str | None = None, max_shard_bytes: 
         return F.to_hf(cfg, entry, np.asarray(_get(params, entry.dst)).astype(target))
 
     pending = [
-        st.PendingTensor(e.hf, F.hf_shape(cfg, e), target, lambda e=e: produce(e)) for e in F.entries(cfg, layout)
+        st.PendingTensor(e.hf, F.hf_shape(cfg, e), target, functools.partial(produce, e))
+        for e in F.entries(cfg, layout)
     ]
     aside_file = ckpt_dir / ckpt.ASIDE_FILE
     skipped = 0
@@ -51,7 +64,7 @@ def export_checkpoint(ckpt_dir, out, dtype: str | None = None, max_shard_bytes: 
             if name is None:
                 skipped += 1
                 continue
-            pending.append(st.PendingTensor(name, i.shape, st.DTYPES[i.dtype], lambda i=i: st.read_tensor(i)))
+            pending.append(st.PendingTensor(name, i.shape, st.DTYPES[i.dtype], functools.partial(st.read_tensor, i)))
     with ckpt.atomic_output_dir(out) as tmp:
         files = st.write_sharded(tmp, pending, max_shard_bytes, metadata={"format": "pt"})
         hf_cfg = F.export_hf_config(hf_source, cfg, dtype, layout)

@@ -6,6 +6,7 @@ any data is read, and writes through a temporary folder renamed at the end.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -18,6 +19,7 @@ from sjd2_jax.families import mapping as F
 from sjd2_jax.io import checkpoint as ckpt
 from sjd2_jax.io import safetensors_file as st
 from sjd2_jax.io import torch_bin as tb
+from sjd2_jax.io.config_values import ConfigValueError, check_source_config
 
 EXTRA_FILES = ("generation_config.json",)
 NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -36,9 +38,13 @@ def read_source_config(src: Path) -> dict:
     if not cfg_file.is_file():
         raise F.ConversionError(f"{src} has no config.json")
     try:
-        return json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
+        hf = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise F.ConversionError(f"{cfg_file}: invalid JSON ({e})") from None
+    try:
+        return check_source_config(hf, str(cfg_file))
+    except ConfigValueError as e:
+        raise F.ConversionError(str(e)) from None
 
 
 def scan_source(src: Path) -> list:
@@ -63,6 +69,11 @@ def read_source_tensor(info, reader: tb.Reader | None = None) -> np.ndarray:
 def plan(src: Path, dtype: str | None):
     """Read headers only; return (hf config, layout, ModelConfig, [(entry, info)], aside infos)."""
     hf = read_source_config(src)
+    if (src / "tokenizer.json").is_file():
+        try:
+            ckpt.check_tokenizer_file(src / "tokenizer.json")
+        except ckpt.CheckpointError as e:
+            raise F.ConversionError(str(e)) from None
     infos = scan_source(src)
     by_name = {i.name: i for i in infos}
     shapes = {n: i.shape for n, i in by_name.items()}
@@ -127,7 +138,7 @@ def import_checkpoint(src, out, dtype: str | None = None, progress: bool = True)
         if aside:
             # Kept verbatim (same names, same dtype) so export can hand them back.
             pend = [
-                st.PendingTensor(i.name, i.shape, st.DTYPES[i.dtype], lambda i=i: read_source_tensor(i, reader))
+                st.PendingTensor(i.name, i.shape, st.DTYPES[i.dtype], functools.partial(read_source_tensor, i, reader))
                 for i in aside
             ]
             st.write_file(tmp / ckpt.ASIDE_FILE, pend)

@@ -13,13 +13,17 @@ file open, so callers should read tensors grouped by file (`TensorInfo.file`).
 from __future__ import annotations
 
 import dataclasses
-import json
+import pickle
+import re
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 
+from sjd2_jax.io.shard_index import read_weight_map, scan_shards
+
 INDEX = "pytorch_model.bin.index.json"
+PATTERN = "pytorch_model*.bin"
 
 
 class BinError(Exception):
@@ -82,8 +86,7 @@ def _load(path: Path) -> dict:
                 raise
             sd = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy pickle: loaded whole
     except Exception as e:  # truncated zip, not a pickle, disallowed globals: all name the file
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BinError(f"{path}: cannot be read as a PyTorch state dict ({type(e).__name__}: {msg[:200]})") from None
+        raise BinError(_load_failure(path, e)) from None
     if not isinstance(sd, dict) or not sd:
         raise BinError(
             f"{path}: not a state dict (found {type(sd).__name__}{' (empty)' if isinstance(sd, dict) else ''})"
@@ -96,49 +99,44 @@ def _load(path: Path) -> dict:
     return sd
 
 
+def _load_failure(path: Path, e: Exception) -> str:
+    """One line on why `path` was not loaded. torch's own message for a refused pickle
+    suggests loading it unsafely (weights_only=False); that advice is never passed on."""
+    text = str(e)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if isinstance(e, pickle.UnpicklingError) and "weights only" in text.lower():
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if found:
+            return (
+                f"{path}: holds pickled code (it calls {found.group(1)}), not only tensors; refused: "
+                "sjd2-jax never runs code from a checkpoint and reads only plain state dicts of tensors"
+            )
+        boiler = ("weights_only", "weights only", "file an issue", "trusted", "documentation")
+        reasons = [ln for ln in lines if not any(b in ln.lower() for b in boiler)]
+        why = reasons[0][:300] if reasons else "not a plain pickle of tensors"
+        return f"{path}: cannot be read as a PyTorch state dict (the tensor-only unpickler stopped: {why})"
+    lines = [ln for ln in lines if "weights_only" not in ln]
+    msg = lines[0][:300] if lines else type(e).__name__
+    return f"{path}: cannot be read as a PyTorch state dict ({type(e).__name__}: {msg})"
+
+
 def bin_files(src: Path) -> list[Path]:
     """The .bin files of a folder: those listed by the index, or all pytorch_model*.bin."""
     index = src / INDEX
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise BinError(f"{index}: not a .bin index (no weight_map)") from None
-        files = [src / f for f in sorted(set(weight_map.values()))]
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise BinError(f"{index}: lists shard(s) {', '.join(missing)}, which do not exist")
-        return files
-    return sorted(src.glob("pytorch_model*.bin"))
+        return sorted(set(read_weight_map(index, BinError).values()))
+    return sorted(src.glob(PATTERN))
 
 
 def scan_folder(src: Path) -> list[TensorInfo]:
-    """Names, shapes and dtypes of every tensor, one file at a time; duplicates and index disagreements are errors."""
-    files = bin_files(src)
-    if not files:
-        raise BinError(f"{src}: no pytorch_model*.bin files")
-    seen: dict[str, TensorInfo] = {}
-    dups = []
-    for f in files:
+    """Names, shapes and dtypes of every tensor, one file at a time; duplicates, index
+    disagreements and index entries outside the folder are errors."""
+
+    def read_infos(f: Path) -> list[TensorInfo]:
         sd = _load(f)
-        for k, v in sd.items():
-            if k in seen:
-                dups.append(f"{k} ({seen[k].file.name} and {f.name})")
-            seen[k] = TensorInfo(k, f, _dtype_name(v), tuple(v.shape))
-        del sd
-    if dups:
-        raise BinError(f"duplicate tensor names: {', '.join(sorted(dups)[:10])}")
-    index = src / INDEX
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        wrong = sorted(k for k, f in weight_map.items() if k not in seen or seen[k].file.name != f)
-        unlisted = sorted(set(seen) - set(weight_map))
-        if wrong or unlisted:
-            raise BinError(
-                f"{index} disagrees with the shards: listed but not found {wrong[:10]}, "
-                f"found but not listed {unlisted[:10]}"
-            )
-    return list(seen.values())
+        return [TensorInfo(k, f, _dtype_name(v), tuple(v.shape)) for k, v in sd.items()]
+
+    return scan_shards(src, INDEX, PATTERN, read_infos, BinError)
 
 
 class Reader:
@@ -153,6 +151,7 @@ class Reader:
             self.close()
             self._sd = _load(info.file)
             self._file = info.file
+        assert self._sd is not None
         t = self._sd.get(info.name)
         if t is None:
             raise BinError(f"{info.file}: tensor {info.name!r} disappeared between scan and read")
@@ -172,4 +171,4 @@ class Reader:
 
 
 def has_bin(src: Path) -> bool:
-    return (src / INDEX).is_file() or any(src.glob("pytorch_model*.bin"))
+    return (src / INDEX).is_file() or any(src.glob(PATTERN))

@@ -4,12 +4,82 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 FAMILIES = ("chameleon", "emu3", "janus")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """What one config value may be: its JSON type, the smallest value, whether null is allowed."""
+
+    kind: type  # int, float, bool or str
+    minimum: float | None = None
+    exclusive: bool = False  # minimum itself not allowed (eps, theta > 0)
+    optional: bool = False  # None (JSON null) allowed
+
+    def describe(self) -> str:
+        kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[self.kind]
+        if self.minimum is not None:
+            kind += f" {'>' if self.exclusive else '>='} {self.minimum:g}"
+        return kind + (" or null" if self.optional else "")
+
+
+# The one table of value rules: ModelConfig checks its fields with it, and the readers of
+# source config.json files (sjd2_jax.io.config_values) check the keys that feed each field.
+RULES: dict[str, Rule] = {
+    "family": Rule(str),
+    "vocab_size": Rule(int, 1),
+    "hidden_size": Rule(int, 1),
+    "num_layers": Rule(int, 1),
+    "num_heads": Rule(int, 1),
+    "num_kv_heads": Rule(int, 1),
+    "intermediate_size": Rule(int, 1),
+    "head_dim": Rule(int, 1, optional=True),
+    "rope_theta": Rule(float, 0, exclusive=True),
+    "rms_norm_eps": Rule(float, 0, exclusive=True),
+    "qk_norm": Rule(bool),
+    "qk_norm_groups": Rule(int, 1, optional=True),
+    "qk_norm_eps": Rule(float, 0, exclusive=True),
+    "swin_norm": Rule(bool),
+    "tie_word_embeddings": Rule(bool),
+    "max_position_embeddings": Rule(int, 1),
+    "dtype": Rule(str),
+    "image_vocab_size": Rule(int, 0),
+    "image_embed_dim": Rule(int, 0),
+    "image_head_dim": Rule(int, 1, optional=True),
+}
+
+
+def check_value(value: Any, rule: Rule, name: str) -> Any:
+    """`value` if it obeys `rule` (ints widened to float for number rules, numpy scalars to
+    Python ones); otherwise ValueError naming `name`. Strings are never parsed: "3" is not
+    an integer and "false" is not false."""
+    ok = False
+    if value is None:
+        ok = rule.optional
+    elif rule.kind is bool:
+        ok = isinstance(value, (bool, np.bool_))
+        value = bool(value) if ok else value
+    elif rule.kind is int:
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+        value = int(value) if ok else value
+    elif rule.kind is float:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, rule.kind)
+    if ok and value is not None and rule.minimum is not None:
+        ok = value > rule.minimum if rule.exclusive else value >= rule.minimum
+    if not ok:
+        raise ValueError(f"{name} must be {rule.describe()}, got {value!r}")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +116,8 @@ class ModelConfig:
     image_head_dim: int | None = None
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, check_value(getattr(self, f.name), RULES[f.name], f.name))
         if self.family not in FAMILIES:
             raise ValueError(f"unknown model family {self.family!r}; expected one of {FAMILIES}")
         if self.dtype not in DTYPES:
@@ -99,6 +171,8 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ModelConfig:
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a JSON object of model config fields, got {type(d).__name__}")
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - fields)
         if unknown:
