@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from sjd2_jax.families import mapping as F
 from sjd2_jax.io import checkpoint as ckpt
+from sjd2_jax.io import codec_import
 from sjd2_jax.io import safetensors_file as st
 from sjd2_jax.io import torch_bin as tb
 from sjd2_jax.io.config_values import ConfigValueError, check_source_config
@@ -114,11 +115,14 @@ def plan(src: Path, dtype: str | None):
     return hf, layout, cfg, pairs, aside
 
 
-def import_checkpoint(src, out, dtype: str | None = None, progress: bool = True) -> dict:
+def import_checkpoint(src, out, dtype: str | None = None, progress: bool = True, vqgan=None, vqgan_yaml=None) -> dict:
+    """vqgan / vqgan_yaml: Chameleon's vqgan.ckpt (+ .yaml) to bring in as the image codec;
+    without them the codec published beside the model (Emu3, Janus) comes in, if any."""
     src, out = Path(src), Path(out)
     if out.exists():
         raise FileExistsError(f"output folder {out} already exists; choose a new path")
     hf, layout, cfg, pairs, aside = plan(src, dtype)
+    codec_import.check_vqgan_option(layout.family, vqgan, vqgan_yaml)
     target = NP_DTYPES[cfg.dtype]
     reader = tb.Reader()  # keeps at most one .bin file open; unused for safetensors
     src_dtypes = sorted({i.dtype for _, i in pairs})
@@ -142,6 +146,9 @@ def import_checkpoint(src, out, dtype: str | None = None, progress: bool = True)
                 for i in aside
             ]
             st.write_file(tmp / ckpt.ASIDE_FILE, pend)
+        codec = codec_import.import_codec(
+            tmp, layout.family, layout.name, aside, lambda i: read_source_tensor(i, reader), src, vqgan, vqgan_yaml
+        )
         reader.close()
         source = {
             "path": str(src.resolve()),
@@ -169,4 +176,5 @@ def import_checkpoint(src, out, dtype: str | None = None, progress: bool = True)
         "source_dtypes": src_dtypes,
         "tokenizer_files": copied,
         "out": str(out),
+        "codec": codec,
     }
