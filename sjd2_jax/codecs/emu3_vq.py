@@ -194,10 +194,11 @@ def check_tree(tree: Mapping[str, Any], where: str) -> None:
             node = node[part]
 
 
-def build_emu3(flat: Mapping[str, np.ndarray], dtype="float32", where: str = "codec") -> Compiled:
+def build_emu3(flat: Mapping[str, Any], dtype="float32", where: str = "codec", abstract: bool = False) -> Compiled:
+    """Runtime tree + jitted decode/encode; abstract=True: shapes only (see layers.runtime_params)."""
     tree = emu3_tree(flat)
     check_tree(tree, where)
-    params = L.runtime_params(tree, dtype)
+    params = L.runtime_params(tree, dtype, abstract)
     cdt = jnp.dtype(dtype)
 
     def decode(params, codes):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -58,10 +59,11 @@ def janus_tree(flat: Mapping[str, np.ndarray]) -> dict:
     return L.nest(taming_names(flat))
 
 
-def build_janus(flat: Mapping[str, np.ndarray], dtype="float32", where: str = "codec") -> Compiled:
+def build_janus(flat: Mapping[str, Any], dtype="float32", where: str = "codec", abstract: bool = False) -> Compiled:
+    """Runtime tree + jitted decode/encode; abstract=True: shapes only (see layers.runtime_params)."""
     tree = janus_tree(flat)
     check_taming_tree(tree, where)
-    params = L.runtime_params(tree, dtype)
+    params = L.runtime_params(tree, dtype, abstract)
     cdt = jnp.dtype(dtype)
 
     def decode(params, codes):

@@ -139,17 +139,21 @@ def nest(flat: Mapping[str, Any]) -> dict:
     return out
 
 
-def runtime_params(tree, dtype) -> Any:
+def runtime_params(tree, dtype, abstract: bool = False) -> Any:
     """Device arrays for computing: matrices in `dtype`; vectors (biases, norm affines,
-    BatchNorm statistics) and codebooks stay float32."""
+    BatchNorm statistics) and codebooks stay float32. abstract=True gives ShapeDtypeStructs
+    (for checking shapes with jax.eval_shape without allocating anything)."""
     dtype = jnp.dtype(dtype)
 
     def cast(path, x):
-        x = np.asarray(x)
-        keep_f32 = x.ndim <= 1 or any(getattr(k, "key", None) in ("quantize", "embedding") for k in path)
-        if not np.issubdtype(x.dtype, np.floating) and x.dtype != jnp.bfloat16:
-            return jnp.asarray(x)
-        return jnp.asarray(x, jnp.float32 if keep_f32 else dtype)
+        shape, src = np.shape(x), np.dtype(x.dtype)
+        keep_f32 = len(shape) <= 1 or any(getattr(k, "key", None) in ("quantize", "embedding") for k in path)
+        if not (np.issubdtype(src, np.floating) or src == jnp.bfloat16):
+            return None  # counters such as BatchNorm's num_batches_tracked: not used to compute
+        to = jnp.float32 if keep_f32 else dtype
+        if abstract:
+            return jax.ShapeDtypeStruct(shape, to)
+        return jnp.asarray(np.asarray(x), to)
 
     return jax.tree_util.tree_map_with_path(cast, tree)
 

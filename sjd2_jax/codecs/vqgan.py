@@ -99,10 +99,11 @@ def chameleon_tree(flat: Mapping[str, np.ndarray]) -> dict:
     return L.nest({k: v for k, v in flat.items() if k.split(".", 1)[0] in MODULES})
 
 
-def build_chameleon(flat: Mapping[str, np.ndarray], dtype="float32", where: str = "codec") -> Compiled:
+def build_chameleon(flat: Mapping[str, Any], dtype="float32", where: str = "codec", abstract: bool = False) -> Compiled:
+    """Runtime tree + jitted decode/encode; abstract=True: shapes only (see layers.runtime_params)."""
     tree = chameleon_tree(flat)
     check_taming_tree(tree, where)
-    params = L.runtime_params(tree, dtype)
+    params = L.runtime_params(tree, dtype, abstract)
     cdt = jnp.dtype(dtype)
 
     def decode(params, codes):
