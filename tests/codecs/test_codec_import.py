@@ -10,12 +10,13 @@ import pytest
 
 pytest.importorskip("torch")
 
-from codec_fixtures import randomize_, to_numpy, tiny_chameleon
-from synthetic import make_chameleon_checkpoint, make_emu3_checkpoint, make_janus_checkpoint
+from codec_fixtures import randomize_, tiny_chameleon, to_numpy
 
 from sjd2_jax.codecs import CODEC_FILE, CodecError, load_codec, read_codec_meta
 from sjd2_jax.io import codec_import
 from sjd2_jax.io.importer import import_checkpoint
+
+from synthetic import make_chameleon_checkpoint, make_emu3_checkpoint, make_janus_checkpoint
 
 pytestmark = pytest.mark.torch
 
@@ -157,7 +158,7 @@ def test_vqgan_with_pickled_code_is_refused(tmp_path, vqgan_files):
     _, flat, _, _ = vqgan_files
     bad = tmp_path / "vqgan.ckpt"
     _write_vqgan_ckpt(bad, flat, {"callbacks": [pickle.PickleError("a pickled object")]})
-    with pytest.raises(CodecError, match="pickled code|tensor-only unpickler") as e:
+    with pytest.raises(CodecError, match=r"pickled code|tensor-only unpickler") as e:
         codec_import.read_vqgan_ckpt(bad)
     assert "\n" not in str(e.value) and "weights_only=False" not in str(e.value)
 
@@ -204,9 +205,8 @@ def test_export_hands_the_vq_tensors_back(tmp_path):
 
 def test_randomize_helper_changes_every_float_tensor():
     """The fixtures' randomisation reaches norms and BatchNorm statistics (else parity is weaker)."""
-    from transformers import Emu3VQVAE, Emu3VQVAEConfig
-
     from codec_fixtures import EMU3_TINY
+    from transformers import Emu3VQVAE, Emu3VQVAEConfig
 
     m = Emu3VQVAE(Emu3VQVAEConfig(**EMU3_TINY)).eval()
     before = to_numpy(m.state_dict())
