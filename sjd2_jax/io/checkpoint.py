@@ -261,7 +261,7 @@ def write_generation_defaults(ckpt_dir, defaults: dict) -> None:
 
 
 def copy_files(src, dst, names) -> list[str]:
-    """Copy the files of `names` that exist in src to dst; returns the copied names.
+    """Copy the files (or folders) of `names` that exist in src to dst; returns the copied names.
     Each name must be a plain relative name inside both folders (paths.inside)."""
     copied = []
     for name in names:
@@ -273,6 +273,12 @@ def copy_files(src, dst, names) -> list[str]:
             target = Path(dst) / source.relative_to(src)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
+            copied.append(name)
+        elif source.is_dir():  # a folder such as an image codec's orbax tree (codec_params/)
+            links = [p for p in source.rglob("*") if p.is_symlink()]
+            if links:
+                raise CheckpointError(f"{links[0]}: symbolic link inside {name}/ of {src}; not copied")
+            shutil.copytree(source, Path(dst) / source.relative_to(src))
             copied.append(name)
     return copied
 
