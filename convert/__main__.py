@@ -1,4 +1,4 @@
-"""python -m convert {import,export,check}: PyTorch checkpoints <-> sjd2-jax."""
+"""python -m convert {import,add-codec,export,check}: PyTorch checkpoints <-> sjd2-jax."""
 
 from __future__ import annotations
 
@@ -28,6 +28,22 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="parameter dtype (default: the source's; float16 sources become float32)",
     )
+    imp.add_argument(
+        "--vqgan",
+        type=Path,
+        default=None,
+        help="Chameleon's tokenizer/vqgan.ckpt: the image codec for Lumina-mGPT / Chameleon checkpoints, which "
+        "carry none (Emu3 and Janus bring theirs from the source folder)",
+    )
+    imp.add_argument("--vqgan-yaml", type=Path, default=None, help="its vqgan.yaml (default: beside the .ckpt, if any)")
+
+    add = sub.add_parser("add-codec", help="add the image codec to an already converted checkpoint")
+    add.add_argument("ckpt", type=Path, help="sjd2-jax checkpoint folder")
+    src = add.add_mutually_exclusive_group(required=True)
+    src.add_argument("--vqgan", type=Path, help="Chameleon's vqgan.ckpt (Lumina-mGPT / Chameleon)")
+    src.add_argument("--from", dest="source", type=Path, help="the source checkpoint folder (Emu3, Janus-Pro)")
+    add.add_argument("--vqgan-yaml", type=Path, default=None, help="vqgan.yaml (default: beside the .ckpt)")
+    add.add_argument("--replace", action="store_true", help="replace a codec the checkpoint already has")
 
     exp = sub.add_parser("export", help="sjd2-jax checkpoint folder -> HF-layout safetensors + config.json")
     exp.add_argument("ckpt", type=Path, help="sjd2-jax checkpoint folder")
@@ -63,18 +79,33 @@ def _os_error(e: OSError) -> str:
 
 
 def _run(args) -> int:
+    from sjd2_jax.io import codec_import
     from sjd2_jax.io.exporter import export_checkpoint
     from sjd2_jax.io.importer import import_checkpoint
     from sjd2_jax.io.parity import check, format_report
 
     if args.cmd == "import":
-        r = import_checkpoint(args.src, args.out, dtype=args.dtype)
+        r = import_checkpoint(args.src, args.out, dtype=args.dtype, vqgan=args.vqgan, vqgan_yaml=args.vqgan_yaml)
         print(f"imported {r['family']} ({r['layout']} layout, {r['tensors']} tensors, {r['dtype']}) -> {r['out']}")
         cast = [d for d in r.get("source_dtypes", []) if d != {"float32": "F32", "bfloat16": "BF16"}[r["dtype"]]]
         if cast:
             print(f"cast {'/'.join(cast)} source tensors to {r['dtype']} (round to nearest even)")
         if r["aside_tensors"]:
             print(f"kept {r['aside_tensors']} tensors aside in aside.safetensors: {r.get('aside_note', '')}")
+        if r.get("codec"):
+            print(codec_import.summary_line(r["codec"]))
+        elif r["family"] == "chameleon":
+            print(
+                "no image codec (Lumina-mGPT checkpoints carry none): add Chameleon's with "
+                f"python -m convert add-codec {r['out']} --vqgan tokenizer/vqgan.ckpt"
+            )
+    elif args.cmd == "add-codec":
+        if args.vqgan_yaml is not None and args.vqgan is None:
+            raise ValueError("--vqgan-yaml needs --vqgan")
+        r = codec_import.add_codec(
+            args.ckpt, vqgan_ckpt=args.vqgan, vqgan_yaml=args.vqgan_yaml, src=args.source, replace=args.replace
+        )
+        print(f"{args.ckpt}: {codec_import.summary_line(r)}")
     elif args.cmd == "export":
         if args.max_shard_gb <= 0:
             raise ValueError("--max-shard-gb must be positive")
