@@ -13,8 +13,9 @@ temporary sibling folder and moved into place at the end (Ctrl-C or SIGTERM leav
 An existing --out is replaced only if it holds nothing but an earlier run's output (as its
 manifest.json lists it); otherwise infer refuses. A symlinked --out stays a symlink: the
 folder it points to is written.
-Checkpoints without an image codec (real Lumina-mGPT / Emu3 / Janus-Pro imports keep their
-VQ decoder aside) get each image's code grid as NNN.npy instead of a PNG.
+Imported Emu3 / Janus-Pro checkpoints bring their image codec, Lumina-mGPT ones get it from
+`convert import --vqgan` or `convert add-codec`; a checkpoint without one gets each image's
+code grid as NNN.npy instead of a PNG.
 """
 
 from __future__ import annotations
@@ -414,7 +415,7 @@ def run(args, log=print) -> list[dict]:
                     i = start + k
                     if codec is not None:
                         name = f"{prefix}{i:03d}.png"
-                        img = codec.decode_codes(np.clip(g.codes[k : k + 1], 0, codec.num_codes - 1))[0]
+                        img = g.images[k].astype(np.float32) / 255.0  # decoded by generate (same codec)
                         to_png(img, tmp / name)
                         pixels.append(img)
                     else:
@@ -480,7 +481,12 @@ def summary(records: list[dict], out: Path, device: str | None = None) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
     fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
     lines = [fmt(head), *(fmt(r) for r in rows)]
-    kind = GRID_FILE if records[0]["image"].endswith(".png") else "NNN.npy code grids"
+    kind = (
+        GRID_FILE
+        if records[0]["image"].endswith(".png")
+        else "NNN.npy code grids; the checkpoint has no image codec: add one with python -m convert add-codec "
+        "CKPT --vqgan vqgan.ckpt (Lumina-mGPT) or --from SOURCE_FOLDER (Emu3, Janus-Pro)"
+    )
     lines.append(
         f"step compression = generated tokens / forward passes; s/img excludes compilation. "
         f"Output: {out}/ ({STATS_FILE}, {kind})"

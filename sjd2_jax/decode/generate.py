@@ -156,7 +156,8 @@ def generate(
     return Generation(
         tokens=tokens,
         codes=codes,
-        images=to_pixels_uint8(codec.decode_codes(codes)) if codec is not None else None,
+        # Codes outside a (demo-sized) codec's book are clipped, as infer always did.
+        images=to_pixels_uint8(codec.decode_codes(np.clip(codes, 0, codec.num_codes - 1))) if codec is not None else None,
         steps=np.asarray(r.steps),
         accepted=np.asarray(r.accepted),
         plan=plan,
