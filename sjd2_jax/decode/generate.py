@@ -153,11 +153,13 @@ def generate(
     tokens = np.concatenate([np.broadcast_to(np.asarray(prefix, np.int32), (B, len(prefix))), gen], 1)
     codes = plan.tokens_to_codes(gen)
     codec = load_codec(getattr(model, "path", None))
+    images = None
+    if codec is not None:  # codes outside a (demo-sized) codec's book are clipped, as infer always did
+        images = to_pixels_uint8(codec.decode_codes(np.clip(codes, 0, codec.num_codes - 1)))
     return Generation(
         tokens=tokens,
         codes=codes,
-        # Codes outside a (demo-sized) codec's book are clipped, as infer always did.
-        images=to_pixels_uint8(codec.decode_codes(np.clip(codes, 0, codec.num_codes - 1))) if codec is not None else None,
+        images=images,
         steps=np.asarray(r.steps),
         accepted=np.asarray(r.accepted),
         plan=plan,
