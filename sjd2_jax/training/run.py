@@ -68,7 +68,7 @@ def _silenced():
     read: a failed read logs errors and leaves reads in flight whose callbacks then print hundreds of
     "Event loop is closed" tracebacks (via sys.unraisablehook / threading.excepthook). The caller
     reports the damage in one line."""
-    loggers = [logging.getLogger(n) for n in ("absl", "orbax")]
+    loggers = [logging.getLogger(n) for n in ("absl", "orbax", "asyncio")]
     levels = [lg.level for lg in loggers]
     hooks = sys.stderr, sys.unraisablehook, threading.excepthook
     for lg in loggers:
@@ -182,7 +182,7 @@ def _restore_latest(mngr, abstract: TrainState, root: Path, log):
                         args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()),
                     )
                 except Exception as e:  # orbax raises many types for damaged files
-                    first = (str(e).strip().splitlines() or [""])[0]
+                    first = (str(e).strip().splitlines() or [""])[0].split(" See full TensorStore details")[0]
                     failure = f"{type(e).__name__}: {first[:160]}"
                 if failure is not None:
                     # Still silenced: let the reads left in flight finish and the failed restore's

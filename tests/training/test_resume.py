@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_run import CFG, TC, make_data
+from test_run import CFG, TC, _cli, make_data
 
 from sjd2_jax.io import checkpoint as ckpt
 from sjd2_jax.training import checksums
@@ -156,14 +156,15 @@ def test_damaged_newest_checkpoint_is_moved_aside_and_the_run_finishes(base, tmp
 
 
 @pytest.mark.slow
-def test_unsealed_damaged_checkpoint_is_found_by_restoring_it_quietly(base, tmp_path, capfd):
+@pytest.mark.parametrize("damaged", ["array_metadatas/process_0", "manifest.ocdbt"])
+def test_unsealed_damaged_checkpoint_is_found_by_restoring_it_quietly(base, tmp_path, capfd, damaged):
     """A checkpoint without a manifest (an older run) is checked by restoring it: the failure is one
     warning line (without silencing, orbax and tensorstore print hundreds of traceback lines)."""
     md, data, base_run, _ = base
     out = _copy(base_run, tmp_path / "run")
     for m in (out / "checkpoints").rglob(checksums.MANIFEST):
         m.unlink()
-    f = out / "checkpoints" / "6" / "state" / "array_metadatas" / "process_0"
+    f = out / "checkpoints" / "6" / "state" / damaged
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     log: list[str] = []
     r = run(
@@ -183,6 +184,24 @@ def test_unsealed_damaged_checkpoint_is_found_by_restoring_it_quietly(base, tmp_
     ]
     assert (out / "checkpoints" / "step_6.damaged-unreadable").is_dir()
     assert "Traceback" not in err and len(err.splitlines()) < 5, err
+
+
+@pytest.mark.slow
+def test_cli_resume_over_unreadable_checkpoint_prints_one_warning(base, tmp_path):
+    """The command line, where no test harness catches logging: stderr stays empty (--no-progress),
+    stdout has one warning line (this damage printed about 40 lines of asyncio tracebacks)."""
+    md, data, base_run, _ = base
+    out = _copy(base_run, tmp_path / "run")
+    for m in (out / "checkpoints").rglob(checksums.MANIFEST):
+        m.unlink()
+    f = out / "checkpoints" / "6" / "state" / "manifest.ocdbt"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    p = _cli(_cli_args(md, data, out, "--steps", str(STEPS), "--resume", "--no-progress"))
+    stdout, stderr = p.communicate(timeout=600)
+    assert p.returncode == 0, stderr
+    assert stderr == "", stderr
+    assert len([ln for ln in stdout.splitlines() if "warning" in ln.lower()]) == 1, stdout
+    assert "step_6.damaged-unreadable" in stdout and f"done: {STEPS} steps" in stdout
 
 
 def test_resume_with_other_steps_continues_the_recorded_schedule(base, tmp_path, capsys):
