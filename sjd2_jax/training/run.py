@@ -495,9 +495,9 @@ def run(
             _save(mngr, sealer, step, state, loader.state(), wait=True)
             last_saved = step
             summary()
+        sealer.join()  # (it waits for the last save; one thread at a time uses the manager)
         with _quiet():
             mngr.wait_until_finished()
-        sealer.join()
     finally:
         signal.signal(signal.SIGTERM, old_handler)
         sealer.join(raise_error=False)  # a failure is on its way up already
