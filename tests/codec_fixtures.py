@@ -56,7 +56,7 @@ CHAMELEON_TINY = dict(
 )
 
 
-def tiny_chameleon(seed: int = 0, attn_resolutions=(8,)):
+def tiny_chameleon(seed: int = 0, attn_resolutions=(8,), channel_multiplier=None):
     """(taming VQModel state dict as numpy, HF ChameleonVQVAE, taming Decoder), sharing weights.
 
     resolution 32 with three levels: attention at 8 puts it in the lowest level of both
@@ -65,7 +65,8 @@ def tiny_chameleon(seed: int = 0, attn_resolutions=(8,)):
     from taming.modules.diffusionmodules.model import Decoder
     from transformers import ChameleonVQVAE, ChameleonVQVAEConfig
 
-    cfg = ChameleonVQVAEConfig(**CHAMELEON_TINY, attn_resolutions=list(attn_resolutions))
+    kw = dict(CHAMELEON_TINY, channel_multiplier=channel_multiplier or CHAMELEON_TINY["channel_multiplier"])
+    cfg = ChameleonVQVAEConfig(**kw, attn_resolutions=list(attn_resolutions))
     torch.manual_seed(seed)
     hf = ChameleonVQVAE(cfg).eval()
     randomize_(hf, seed)
@@ -103,13 +104,14 @@ JANUS_TINY = dict(
 )
 
 
-def tiny_janus(seed: int = 0, num_patches: int = 3):
+def tiny_janus(seed: int = 0, num_patches: int = 3, channel_multiplier=None):
     """(HF-layout numpy state dict, HF JanusVQVAE)."""
     import torch
     from transformers import JanusVQVAE, JanusVQVAEConfig
 
     torch.manual_seed(seed)
-    hf = JanusVQVAE(JanusVQVAEConfig(**JANUS_TINY, num_patches=num_patches)).eval()
+    kw = dict(JANUS_TINY, channel_multiplier=channel_multiplier or JANUS_TINY["channel_multiplier"])
+    hf = JanusVQVAE(JanusVQVAEConfig(**kw, num_patches=num_patches)).eval()
     randomize_(hf, seed)
     return to_numpy(hf.state_dict()), hf
 
@@ -168,13 +170,15 @@ EMU3_TINY = dict(
 )
 
 
-def tiny_emu3(seed: int = 0):
-    """(HF-layout numpy state dict, HF Emu3VQVAE); 4 px per code, attention in the lowest level."""
+def tiny_emu3(seed: int = 0, real_scale: bool = False):
+    """(HF-layout numpy state dict, HF Emu3VQVAE); 4 px per code (real_scale: 8, as Emu3's),
+    attention in the lowest level."""
     import torch
     from transformers import Emu3VQVAE, Emu3VQVAEConfig
 
     torch.manual_seed(seed)
-    hf = Emu3VQVAE(Emu3VQVAEConfig(**EMU3_TINY)).eval()
+    kw = dict(EMU3_TINY, channel_multiplier=[1, 1, 2, 2], attn_resolutions=[3]) if real_scale else EMU3_TINY
+    hf = Emu3VQVAE(Emu3VQVAEConfig(**kw)).eval()
     randomize_(hf, seed)
     return to_numpy(hf.state_dict()), hf
 
@@ -195,3 +199,32 @@ def emu3_hf_to_original(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
                 v = v.reshape(*v.shape, 1, 1)
         out[k2] = v
     return out
+
+
+# -- source folders whose VQ has the family's real pixels per code ---------------------------
+
+# Five levels (16 px per code) as Chameleon's and Janus's VQs; Emu3's is tiny_emu3(real_scale=True).
+SIXTEEN_X = [1, 1, 1, 2, 2]
+
+
+def replace_vq(folder, prefix: str, state: dict[str, np.ndarray], dtype=None) -> None:
+    """Swap the VQ tensors (names under `prefix`) of a synthetic source folder's single
+    model.safetensors or pytorch_model.bin for `state` (numpy, names without the prefix)."""
+    from pathlib import Path
+
+    import torch
+
+    folder = Path(folder)
+    new = {prefix + k: torch.from_numpy(np.array(v)) for k, v in state.items()}
+    if dtype is not None:
+        new = {k: v.to(dtype) if v.is_floating_point() else v for k, v in new.items()}
+    if (folder / "model.safetensors").is_file():
+        from safetensors.torch import load_file, save_file
+
+        old = load_file(str(folder / "model.safetensors"))
+        kept = {k: v for k, v in old.items() if not k.startswith(prefix)}
+        save_file({**kept, **new}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        old = torch.load(str(folder / "pytorch_model.bin"), weights_only=True)
+        kept = {k: v for k, v in old.items() if not k.startswith(prefix)}
+        torch.save({**kept, **new}, str(folder / "pytorch_model.bin"))

@@ -27,13 +27,6 @@ import numpy as np
 from sjd2_jax.codecs import CODEC_FILE, CodecError, emu3_vq, janus_vq, read_codec_meta, vqgan
 from sjd2_jax.codecs import base as codec_base
 
-# (family, source layout) -> (prefix of the VQ tensors in the source, codec kind)
-SOURCES: dict[tuple[str, str], tuple[str, str]] = {
-    ("emu3", "hf"): ("vqmodel.", emu3_vq.KIND),
-    ("emu3", "hf_memory"): ("model.vqmodel.", emu3_vq.KIND),
-    ("janus", "hf"): ("model.vqmodel.", janus_vq.KIND),
-    ("janus", "original"): ("gen_vision_model.", janus_vq.KIND),
-}
 DESCRIBE = {
     vqgan.KIND: vqgan.describe_chameleon,
     janus_vq.KIND: janus_vq.describe_janus,
@@ -42,13 +35,13 @@ DESCRIBE = {
 BUILD = {vqgan.KIND: vqgan.build_chameleon, janus_vq.KIND: janus_vq.build_janus, emu3_vq.KIND: emu3_vq.build_emu3}
 # State-dict entries under a known prefix that are not network modules but are kept verbatim.
 KEPT_EXTRAS = {janus_vq.KIND: janus_vq.UNUSED}
-# Trained code grid per family (decode_codes accepts any grid; this is the default image size).
-DEFAULT_GRID = {vqgan.KIND: None, janus_vq.KIND: (24, 24), emu3_vq.KIND: (90, 90)}
 
 
 def source_codec(family: str, layout: str, names: Iterable[str]) -> tuple[str, str] | None:
     """(prefix, kind) of the codec published in a source checkpoint with these tensor names, or None."""
-    found = SOURCES.get((family, layout))
+    from sjd2_jax.families import get_layout
+
+    found = get_layout(family, layout).codec  # (prefix of the VQ tensors in the source, codec kind)
     if found is None:
         return None
     prefix = found[0]
@@ -80,14 +73,32 @@ def check_tensors(kind: str, tensors: Mapping[str, np.ndarray], where: str) -> d
     return desc
 
 
+def family_pixels_per_code(family: str) -> int:
+    from sjd2_jax.families import get_family
+
+    return int(get_family(family).pixels_per_code)
+
+
+def check_fits_family(desc: dict, family: str, where: str) -> None:
+    """A codec drives the family's token layout (size tokens, prompt sizes) through its pixels
+    per code, so one with a different upsampling factor than the family's cannot be right."""
+    want = family_pixels_per_code(family)
+    if desc["pixels_per_code"] != want:
+        raise CodecError(
+            f"{where}: the codec maps {desc['pixels_per_code']} px per code, {family} images use {want}; "
+            "not this family's image tokenizer"
+        )
+
+
 def write_codec(
-    folder: Path, kind: str, tensors: Mapping[str, np.ndarray], source: dict, where: str, grid=None
+    folder: Path, kind: str, tensors: Mapping[str, np.ndarray], source: dict, where: str, family: str, grid=None
 ) -> dict:
     """Check and write the codec into `folder` (a checkpoint folder being built). Returns its meta."""
     desc = check_tensors(kind, tensors, where)
+    check_fits_family(desc, family, where)
     meta = {
         **desc,
-        "grid": list(grid or DEFAULT_GRID[kind] or ()) or None,
+        "grid": list(grid) if grid else None,  # None: the family's default image size
         "dtype": "float32",
         "source": source,
     }
@@ -112,14 +123,21 @@ def import_from_source(
 ) -> dict | None:
     """Write the codec published beside the language model, if the source has one.
 
-    infos: tensor infos (name, ...) of the source; read(info) -> numpy array."""
+    infos: tensor infos (name, ...) of the source; read(info) -> numpy array. A VQ whose pixels
+    per code differ from the family's (only seen in toy checkpoints) stays aside, unused:
+    returns {"skipped": why} then."""
     found = source_codec(family, layout, (i.name for i in infos))
     if found is None:
         return None
     prefix, kind = found
     tensors = {i.name[len(prefix) :]: read(i) for i in infos if i.name.startswith(prefix)}
+    where = f"{src} ({prefix}*)"
+    try:
+        check_fits_family(DESCRIBE[kind](tensors), family, where)
+    except CodecError as e:
+        return {"skipped": f"{e}; kept aside only, no image codec"}
     source = {"from": str(Path(src).resolve()), "prefix": prefix, "layout": f"{family}/{layout}"}
-    return write_codec(folder, kind, tensors, source, f"{src} ({prefix}*)")
+    return write_codec(folder, kind, tensors, source, where, family)
 
 
 def import_codec(
@@ -144,7 +162,9 @@ def check_vqgan_option(family: str, vqgan_ckpt, vqgan_yaml=None) -> None:
         if vqgan_yaml is not None:
             raise CodecError("--vqgan-yaml needs --vqgan")
         return
-    if family != "chameleon":
+    from sjd2_jax.families import get_family
+
+    if not get_family(family).vqgan_file:
         raise CodecError(f"--vqgan is Chameleon's VQGAN (for Lumina-mGPT); this is a {family} checkpoint")
     for p in (vqgan_ckpt, vqgan_yaml):
         if p is not None and not Path(p).is_file():
@@ -230,7 +250,10 @@ def import_vqgan(folder: Path, vqgan_ckpt, vqgan_yaml=None) -> dict:
     if vqgan_yaml or yaml_path.is_file():
         check_vqgan_yaml(yaml_path, tensors)
     source = {"from": str(path.resolve()), "prefix": "", "layout": "taming vqgan.ckpt", "dropped": len(dropped)}
-    meta = write_codec(folder, vqgan.KIND, tensors, source, f"--vqgan {path}")
+    from sjd2_jax.families import FAMILIES
+
+    family = next(f.name for f in FAMILIES.values() if f.vqgan_file)  # whose image tokenizer it is
+    meta = write_codec(folder, vqgan.KIND, tensors, source, f"--vqgan {path}", family)
     return {**meta, "dropped": dropped}
 
 
@@ -256,7 +279,9 @@ def add_codec(ckpt_dir, *, vqgan_ckpt=None, vqgan_yaml=None, src=None, replace: 
     stage.mkdir()
     try:
         if vqgan_ckpt is not None:
-            if family not in (None, "chameleon"):
+            from sjd2_jax.families import get_family
+
+            if family is not None and not get_family(family).vqgan_file:
                 raise CodecError(f"--vqgan is Chameleon's VQGAN; {ckpt_dir} is a {family} checkpoint")
             result = import_vqgan(stage, vqgan_ckpt, vqgan_yaml)
         else:
@@ -286,6 +311,8 @@ def _codec_from_source_folder(stage: Path, src: Path, family: str | None) -> dic
         reader.close()
     if r is None:
         raise CodecError(f"{src} ({layout.family}/{layout.name}) carries no image decoder tensors")
+    if "skipped" in r:
+        raise CodecError(r["skipped"].split("; kept aside")[0])
     return r
 
 
@@ -304,6 +331,8 @@ def _swap_in(stage: Path, ckpt_dir: Path) -> None:
 
 
 def summary_line(r: dict) -> str:
+    if "skipped" in r:
+        return f"image codec left out: {r['skipped']}"
     src = r.get("source", {})
     what = {vqgan.KIND: "Chameleon VQGAN", janus_vq.KIND: "Janus VQ16", emu3_vq.KIND: "Emu3 VQ"}[r["kind"]]
     enc = "decoder + encoder" if r.get("has_encoder") else "decoder only (no encoder tensors)"

@@ -10,7 +10,16 @@ import pytest
 
 pytest.importorskip("torch")
 
-from codec_fixtures import randomize_, tiny_chameleon, to_numpy
+from codec_fixtures import (
+    SIXTEEN_X,
+    janus_hf_to_original,
+    randomize_,
+    replace_vq,
+    tiny_chameleon,
+    tiny_emu3,
+    tiny_janus,
+    to_numpy,
+)
 
 from sjd2_jax.codecs import CODEC_FILE, CodecError, load_codec, read_codec_meta
 from sjd2_jax.io import codec_import
@@ -49,16 +58,28 @@ def _source_tensors(src, prefix):
 @pytest.mark.parametrize("layout,prefix", [("hf", "vqmodel."), ("hf_memory", "model.vqmodel.")])
 def test_emu3_import_brings_the_codec(tmp_path, layout, prefix):
     src = tmp_path / "src"
-    model = make_emu3_checkpoint(src, layout=layout)
+    make_emu3_checkpoint(src, layout=layout)
+    flat, vq = tiny_emu3(seed=5, real_scale=True)
+    replace_vq(src, prefix, flat)
     r = import_checkpoint(src, tmp_path / "out", progress=False)
     assert r["codec"]["kind"] == "emu3_vq" and r["codec"]["source"]["prefix"] == prefix
     out = tmp_path / "out"
     _assert_bit_identical(codec_import.codec_tensors(out), _source_tensors(src, prefix))
     codec = load_codec(out)
-    assert codec.pixels_per_code == 2 and codec.num_codes == 32
-    codes = np.random.default_rng(0).integers(0, 32, size=(2, 3, 5))
-    np.testing.assert_allclose(codec.decode_codes(codes), _torch_vq_decode(model.model.vqmodel, codes), atol=1e-4)
+    assert codec.pixels_per_code == 8 and codec.num_codes == 64
+    codes = np.random.default_rng(0).integers(0, 64, size=(2, 3, 5))
+    np.testing.assert_allclose(codec.decode_codes(codes), _torch_vq_decode(vq, codes), atol=1e-4)
     assert codec.encode_images(codec.decode_codes(codes)).shape == (2, 3, 5)
+
+
+def test_a_toy_vq_of_other_scale_stays_aside(tmp_path):
+    """The synthetic Emu3 model's VQ maps 2 px per code, not Emu3's 8: it is not made the codec."""
+    src = tmp_path / "src"
+    make_emu3_checkpoint(src, layout="hf")
+    r = import_checkpoint(src, tmp_path / "out", progress=False)
+    assert "8" in r["codec"]["skipped"] and "2 px per code" in r["codec"]["skipped"]
+    assert load_codec(tmp_path / "out") is None and r["aside_tensors"] > 0
+    assert "left out" in codec_import.summary_line(r["codec"])
 
 
 @pytest.mark.parametrize("layout", ["hf", "original"])
@@ -66,16 +87,19 @@ def test_janus_import_brings_the_codec(tmp_path, layout):
     import torch
 
     src = tmp_path / "src"
-    model = make_janus_checkpoint(src, layout=layout, dtype="bfloat16" if layout == "original" else "float32")
-    r = import_checkpoint(src, tmp_path / "out", progress=False)
+    make_janus_checkpoint(src, layout=layout, dtype="bfloat16" if layout == "original" else "float32")
+    flat, vq = tiny_janus(seed=6, channel_multiplier=SIXTEEN_X)
     prefix = {"hf": "model.vqmodel.", "original": "gen_vision_model."}[layout]
+    if layout == "original":  # original names, bfloat16 pickles; the reference gets the same rounding
+        replace_vq(src, prefix, janus_hf_to_original(flat), dtype=torch.bfloat16)
+        vq = vq.to(torch.bfloat16).float()
+    else:
+        replace_vq(src, prefix, flat)
+    r = import_checkpoint(src, tmp_path / "out", progress=False)
     assert r["codec"]["kind"] == "janus_vq16" and r["codec"]["source"]["prefix"] == prefix
     out = tmp_path / "out"
     _assert_bit_identical(codec_import.codec_tensors(out), _source_tensors(src, prefix))
-    vq = model.model.vqmodel
-    if layout == "original":  # bfloat16 pickles: the reference gets the same rounding of its weights
-        vq = vq.to(torch.bfloat16).float()
-    codes = np.random.default_rng(1).integers(0, 16, size=(2, 3, 5))
+    codes = np.random.default_rng(1).integers(0, 64, size=(2, 3, 5))
     np.testing.assert_allclose(load_codec(out).decode_codes(codes), _torch_vq_decode(vq, codes), atol=1e-4)
 
 
@@ -102,7 +126,7 @@ VQGAN_YAML = """model:
       in_channels: 3
       out_ch: 3
       ch: 32
-      ch_mult: [1, 2, 2]
+      ch_mult: [1, 1, 1, 2, 2]
       num_res_blocks: 1
       attn_resolutions: [8]
       dropout: 0.0
@@ -114,7 +138,7 @@ VQGAN_YAML = """model:
 @pytest.fixture(scope="module")
 def vqgan_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("vqgan")
-    flat, hf, dec = tiny_chameleon(seed=2)
+    flat, hf, dec = tiny_chameleon(seed=2, channel_multiplier=SIXTEEN_X)
     _write_vqgan_ckpt(d / "vqgan.ckpt", flat)
     (d / "vqgan.yaml").write_text(VQGAN_YAML.format(embed=16, n=64, z=32))
     return d, flat, hf, dec
@@ -196,6 +220,7 @@ def test_export_hands_the_vq_tensors_back(tmp_path):
 
     src = tmp_path / "src"
     make_emu3_checkpoint(src, layout="hf")
+    replace_vq(src, "vqmodel.", tiny_emu3(seed=8, real_scale=True)[0])
     import_checkpoint(src, tmp_path / "ckpt", progress=False)
     export_checkpoint(tmp_path / "ckpt", tmp_path / "back")
     back = {i.name: read_source_tensor(i) for i in scan_source(tmp_path / "back") if i.name.startswith("vqmodel.")}
