@@ -84,7 +84,7 @@ def _gen_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
         "aligner_fc2_b": ParamSpec((D,), ("embed",), "zeros"),
         "head_proj": ParamSpec((P, D), ("mlp", "embed")),
         "head_proj_b": ParamSpec((P,), ("mlp",), "zeros"),
-        "head_out": ParamSpec((Vi, P), ("image_vocab", "mlp")),
+        "head_out": ParamSpec((Vi, P), ("image_vocab", None)),  # one tensor axis per weight: vocab
         "head_out_b": ParamSpec((Vi,), ("image_vocab",), "zeros"),
     }
 

@@ -98,9 +98,12 @@ def build_training_example(
     noise_cfg: NoiseConfig,
     batch_cfg: TrainBatchConfig,
     noisable: jax.Array | None = None,
+    embeds: jax.Array | None = None,
 ) -> TrainingExample:
     """One training sequence. ids int [T]; image_mask bool [T] (image-token positions);
-    table [V, D] the input embedding table; noisable bool [T] (default image_mask)."""
+    table [V, D] the input embedding table; noisable bool [T] (default image_mask);
+    embeds [T, D]: the clean inputs when they are not table[ids] (Janus-Pro: image codes
+    enter through the generation embedding and aligner)."""
     k_levels, k_noise = jax.random.split(key)
     kk = noise_cfg.num_levels
     t = ids.shape[-1]
@@ -109,7 +112,7 @@ def build_training_example(
         noisable = image_mask
     level = sample_levels(k_levels, noisable, kk, batch_cfg)
 
-    emb = jnp.take(table, ids, axis=0)  # [T, D] clean inputs, exactly E[x]
+    emb = jnp.take(table, ids, axis=0) if embeds is None else embeds.astype(table.dtype)  # [T, D] clean, E[x]
     eps = jax.random.normal(k_noise, emb.shape, jnp.float32)
     z = add_noise(standardize(emb, stats), level, eps, noise_cfg)
     noisy = unstandardize(z, stats).astype(table.dtype)
@@ -139,8 +142,9 @@ def build_training_batch(
     noise_cfg: NoiseConfig,
     batch_cfg: TrainBatchConfig,
     noisable: jax.Array | None = None,
+    embeds: jax.Array | None = None,
 ) -> TrainingExample:
-    """`build_training_example` over a batch: ids, image_mask (and noisable) [B, T].
+    """`build_training_example` over a batch: ids, image_mask (and noisable) [B, T], embeds [B, T, D].
 
     key: one key (split into one per row) or per-row keys [B].
     """
@@ -149,5 +153,5 @@ def build_training_batch(
     keys = jax.random.split(key, ids.shape[0]) if single else key
     if noisable is None:
         noisable = image_mask
-    fn = lambda k, i, m, nz: build_training_example(k, i, m, table, stats, noise_cfg, batch_cfg, nz)
-    return jax.vmap(fn)(keys, ids, image_mask, noisable)
+    fn = lambda k, i, m, nz, e: build_training_example(k, i, m, table, stats, noise_cfg, batch_cfg, nz, e)
+    return jax.vmap(fn)(keys, ids, image_mask, noisable, embeds)

@@ -17,7 +17,7 @@ from sjd2_jax.model import transformer as M
 from sjd2_jax.model.attention import AttentionConfig
 from sjd2_jax.model.config import ModelConfig
 from sjd2_jax.sjd2.schedule import NoiseConfig
-from sjd2_jax.sjd2.standardize import EmbedStats
+from sjd2_jax.sjd2.standardize import EmbedStats, embedding_stats
 from sjd2_jax.training.batch import TrainBatchConfig, TrainingExample, build_training_batch
 
 
@@ -136,6 +136,27 @@ def sjd2_loss(
     return metrics["ce_sum"] / jnp.maximum(denominator, 1.0), metrics
 
 
+def clean_inputs(params: M.Params, cfg: ModelConfig, ids: jax.Array, image_mask: jax.Array) -> jax.Array | None:
+    """Janus-Pro: clean input embeddings [B, T, D], text ids through the LM table and image codes
+    (ids at image positions) through the generation embedding and aligner. None for the other
+    families, whose inputs are rows of params["embed"]."""
+    if not cfg.has_image_head:
+        return None
+    image_mask = image_mask.astype(jnp.bool_)
+    text = jnp.take(params["embed"], jnp.where(image_mask, 0, ids), axis=0)
+    codes = M.gen_embed(params, cfg, jnp.where(image_mask, ids, 0))
+    return jnp.where(image_mask[..., None], codes.astype(text.dtype), text)
+
+
+def noise_stats(params: M.Params, cfg: ModelConfig) -> EmbedStats:
+    """SJD2's noise-space statistics: over the input table the noised tokens come from, as
+    decoding computes them by default (the LM table; Janus-Pro: the aligned code embeddings)."""
+    if cfg.has_image_head:
+        codes = jnp.arange(cfg.image_vocab_size, dtype=jnp.int32)[None]
+        return embedding_stats(M.gen_embed(params, cfg, codes)[0])
+    return embedding_stats(params["embed"])
+
+
 def training_loss(
     params: M.Params,
     cfg: ModelConfig,
@@ -151,10 +172,12 @@ def training_loss(
     loss_chunk: int | None = None,
     denominator: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Build the noised batch from params["embed"] and take `sjd2_loss`, in one traceable call,
-    so the embedding table also gets gradient through the (noisy) inputs.
+    """Build the noised batch from params["embed"] (Janus-Pro: image codes through the generation
+    embedding and aligner, loss through the generation head) and take `sjd2_loss`, in one
+    traceable call, so the input embeddings also get gradient through the (noisy) inputs.
 
     ids, image_mask [B, T]; stats are usually the frozen pretrained-table statistics.
     """
-    batch = build_training_batch(key, ids, image_mask, params["embed"], stats, noise_cfg, batch_cfg, noisable)
+    embeds = clean_inputs(params, cfg, ids, image_mask)
+    batch = build_training_batch(key, ids, image_mask, params["embed"], stats, noise_cfg, batch_cfg, noisable, embeds)
     return sjd2_loss(params, cfg, batch, noise_cfg.num_levels, remat, attention, loss_chunk, denominator)

@@ -24,9 +24,9 @@ from tqdm import tqdm
 from sjd2_jax.codecs import codec_files
 from sjd2_jax.io import checkpoint as ckpt
 from sjd2_jax.model import sharding as SH
-from sjd2_jax.sjd2.standardize import embedding_stats
 from sjd2_jax.training import checksums
 from sjd2_jax.training.data import Dataset, Loader
+from sjd2_jax.training.loss import noise_stats
 from sjd2_jax.training.step import TrainConfig, TrainError, TrainState, build_step, init_state, state_shardings
 
 METRICS = "metrics.jsonl"
@@ -350,11 +350,6 @@ def run(
     # orbax needs absolute paths; resolve once so relative --out/--model/--data work
     model_dir, data_dir, run_dir = Path(model_dir).resolve(), Path(data_dir).resolve(), Path(run_dir).resolve()
     cfg = ckpt.read_config(model_dir)
-    if cfg.has_image_head:
-        raise TrainError(
-            "training supports LM-vocabulary families (chameleon, emu3); the Janus-Pro "
-            "generation-head objective is not implemented"
-        )
     dataset = Dataset(data_dir)
     if dataset.family and dataset.family != cfg.family:
         raise TrainError(f"dataset was prepared for {dataset.family}, the model is {cfg.family}")
@@ -387,7 +382,7 @@ def run(
     sched_tc = _schedule_config(run_dir, tc, has_checkpoints, log)
     params0 = ckpt.load_params(model_dir, cfg, dtype=tc.param_dtype, shardings=state_sh.params)
     # Frozen from the pretrained table (identical on resume), replicated on every device.
-    stats = jax.device_put(embedding_stats(params0["embed"]), SH.replicated(mesh_obj))
+    stats = jax.device_put(noise_stats(params0, cfg), SH.replicated(mesh_obj))
     restored = None
     if has_checkpoints:
         restored = _restore_latest(mngr, abstract, run_dir / CHECKPOINTS, log)

@@ -94,7 +94,7 @@ class TrainConfig:
 
 @flax.struct.dataclass
 class TrainState:
-    step: jax.Array
+    step: Any  # int32 scalar array (or its sharding / abstract value in the matching trees)
     params: Any
     opt_state: Any
 
@@ -176,6 +176,12 @@ def accumulated_grads(params, cfg: ModelConfig, tc: TrainConfig, stats, batch, k
 
 
 def build_step(cfg: ModelConfig, tc: TrainConfig, mesh, state_sharding):
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if tc.micro_batch % shards:
+        raise TrainError(
+            f"--batch-size {tc.batch_size} / --grad-accum {tc.grad_accum} = {tc.micro_batch} rows per micro-batch "
+            f"is not divisible by data x fsdp = {shards}"
+        )
     opt, schedule = make_optimizer(tc)
     bsh = SH.batch_sharding(mesh)
     batch_sh = {"tokens": bsh, "image_mask": bsh, "noisable": bsh}
