@@ -423,6 +423,28 @@ def test_prepare_skips_odd_records_and_memory_stays_bounded(tmp_path, capsys):
     assert peak < 64 << 20, f"peak {peak / 2**20:.0f} MiB"
 
 
+def test_prepare_names_the_record_the_tokenizer_refuses(tmp_path, capsys, monkeypatch):
+    """A tokenizer failure inside a batch of records is pinned on its own line (the batch is
+    retried record by record), not a traceback."""
+    ckpt = _meta_checkpoint(tmp_path / "ckpt", "emu3", context=CONTEXT)
+    real = P._Encoder.encode
+
+    def refusing(self, captions, codes):
+        if "BOOM" in captions:
+            raise RuntimeError("tokenizer refused the text")
+        return real(self, captions, codes)
+
+    monkeypatch.setattr(P._Encoder, "encode", refusing)
+    lines, _ = _odd_lines()
+    src = _write_jsonl(tmp_path / "in.jsonl", [lines[0], {"caption": "BOOM", "codes": [[1] * 5] * 3}, lines[2]])
+    rc, _, err = _run_main([src, tmp_path / "d", "--model", ckpt, "--on-error", "skip"], capsys)
+    assert rc == 0, err
+    assert "skipped line 2: cannot be tokenized (RuntimeError: tokenizer refused the text)" in err
+    assert json.loads((tmp_path / "d" / "index.json").read_text())["num_records"] == 2
+    rc, _, err = _run_main([src, tmp_path / "d2", "--model", ckpt], capsys)
+    assert rc == 2 and err.startswith("error: line 2: cannot be tokenized") and err.count("\n") == 1
+
+
 def test_prepare_seq_len_beyond_context_is_refused(tmp_path, capsys):
     ckpt = _meta_checkpoint(tmp_path / "ckpt", "emu3", context=CONTEXT)
     src = _write_jsonl(tmp_path / "in.jsonl", [{"caption": "a", "codes": [[1] * 5] * 3}])
