@@ -79,6 +79,7 @@ def _os_error(e: OSError) -> str:
 
 
 def _run(args) -> int:
+    from sjd2_jax.families import get_family
     from sjd2_jax.io import codec_import
     from sjd2_jax.io.exporter import export_checkpoint
     from sjd2_jax.io.importer import import_checkpoint
@@ -94,7 +95,7 @@ def _run(args) -> int:
             print(f"kept {r['aside_tensors']} tensors aside in aside.safetensors: {r.get('aside_note', '')}")
         if r.get("codec"):
             print(codec_import.summary_line(r["codec"]))
-        elif r["family"] == "chameleon":
+        elif get_family(r["family"]).vqgan_file:
             print(
                 "no image codec (Lumina-mGPT checkpoints carry none): add Chameleon's with "
                 f"python -m convert add-codec {r['out']} --vqgan tokenizer/vqgan.ckpt"
@@ -123,7 +124,7 @@ def _run(args) -> int:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    from sjd2_jax.families.mapping import ConversionError
+    from sjd2_jax.families import ConversionError
     from sjd2_jax.io.checkpoint import CheckpointError
     from sjd2_jax.io.safetensors_file import FormatError
     from sjd2_jax.io.torch_bin import BinError

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sjd2_jax.families.layouts import lumina_image_token
+from sjd2_jax.families.chameleon import lumina_image_token
 
 IMAGE_TOKEN_NAMES = [f"IMGIMG{a}{b}Z" for a in "ABCD" for b in "ABCDEFGH"]  # 32 image-code tokens
 

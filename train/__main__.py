@@ -101,7 +101,11 @@ def _parser() -> argparse.ArgumentParser:
         help="compile the step for the mesh and print per-device memory; "
         "allocates nothing (use fake devices: XLA_FLAGS=--xla_force_host_platform_device_count=N)",
     )
-    p.add_argument("--preset", choices=["lumina-7b", "emu3-8b"], default=None, help="--plan for a published config")
+    p.add_argument(
+        "--preset",
+        default=None,
+        help="--plan for a published config instead of --model (a family preset: lumina-7b, emu3-8b)",
+    )
     p.add_argument("--seq-len", type=int, default=2560, help="--plan: training sequence length")
     return p
 

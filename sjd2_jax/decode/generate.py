@@ -8,11 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sjd2_jax import families
 from sjd2_jax.codecs import load_codec
 from sjd2_jax.codecs.base import to_pixels_uint8
 from sjd2_jax.decode.engine import METHODS, DecodeSpec, Sampling, decode, input_table
 from sjd2_jax.decode.options import check_generate_options
-from sjd2_jax.families import layouts as L
 from sjd2_jax.io import checkpoint as ckpt
 from sjd2_jax.sjd2.schedule import NoiseConfig
 from sjd2_jax.sjd2.standardize import embedding_stats
@@ -38,7 +38,7 @@ class Generation:
     codes: np.ndarray  # int [B, h, w]
     steps: np.ndarray  # int [B]: forward passes of the decode loop per row (prefill not counted)
     accepted: np.ndarray  # int [B, N]: tokens committed at each step (0 once the row is done)
-    plan: L.ImagePlan
+    plan: families.ImagePlan
     method: str
     trace_drafts: np.ndarray | None = None  # [T, B, W-1] with trace=T: window drafts per iteration (-1 none)
     trace_done: np.ndarray | None = None  # [T, B]: tokens committed before each traced iteration
@@ -92,8 +92,8 @@ def generate(
     if unknown:
         raise ValueError(f"unknown method options {unknown}; known: window, exact, trace, {', '.join(NOISE_OPTIONS)}")
     cfg = model.config
-    plan = L.image_plan(model, size)
-    cond, uncond = L.prompt_ids(model, prompts, plan)
+    plan = families.image_plan(model, size)
+    cond, uncond = families.prompt_ids(model, prompts, plan)
     prefix = list(plan.prefix)
     cond = [list(c) + prefix for c in cond]
     uncond = [list(u) + prefix for u in uncond]
@@ -101,7 +101,7 @@ def generate(
     if B == 0:
         raise ValueError("no prompts given")
 
-    defaults = dict(L.sampling_defaults(plan.family), **saved.get("sampling", {}))
+    defaults = dict(families.sampling_defaults(plan.family), **saved.get("sampling", {}))
     pick = lambda v, k: defaults[k] if v is None else v
     temperature, top_k = pick(temperature, "temperature"), pick(top_k, "top_k")
     top_p, cfg_scale = pick(top_p, "top_p"), pick(cfg_scale, "cfg_scale")

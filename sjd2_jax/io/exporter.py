@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sjd2_jax.families import mapping as F
+from sjd2_jax import families as F
 from sjd2_jax.io import checkpoint as ckpt
 from sjd2_jax.io import safetensors_file as st
 from sjd2_jax.io.config_values import ConfigValueError, check_source_config

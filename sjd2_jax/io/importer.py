@@ -15,7 +15,7 @@ import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
-from sjd2_jax.families import mapping as F
+from sjd2_jax import families as F
 from sjd2_jax.io import checkpoint as ckpt
 from sjd2_jax.io import codec_import
 from sjd2_jax.io import safetensors_file as st

@@ -11,7 +11,6 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-FAMILIES = ("chameleon", "emu3", "janus")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -118,8 +117,10 @@ class ModelConfig:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, check_value(getattr(self, f.name), RULES[f.name], f.name))
+        from sjd2_jax.families import FAMILIES  # the family registry (its modules import this one)
+
         if self.family not in FAMILIES:
-            raise ValueError(f"unknown model family {self.family!r}; expected one of {FAMILIES}")
+            raise ValueError(f"unknown model family {self.family!r}; expected one of {tuple(FAMILIES)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {tuple(DTYPES)}")
         if self.num_heads % self.num_kv_heads:

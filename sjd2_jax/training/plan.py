@@ -13,38 +13,13 @@ import math
 import jax
 import jax.numpy as jnp
 
+from sjd2_jax import families
 from sjd2_jax.io import checkpoint as ckpt
 from sjd2_jax.model import sharding as SH
-from sjd2_jax.model.config import ModelConfig
 from sjd2_jax.sjd2.standardize import EmbedStats
 from sjd2_jax.training.step import TrainConfig, build_step, state_shardings
 
-PRESETS = {
-    # Lumina-mGPT-7B-768 (Chameleon 7B; q/k-norm stored per model-parallel group)
-    "lumina-7b": ModelConfig(
-        family="chameleon",
-        vocab_size=65536,
-        hidden_size=4096,
-        num_layers=32,
-        num_heads=32,
-        num_kv_heads=32,
-        intermediate_size=11008,
-        qk_norm=True,
-        qk_norm_groups=1,
-    ),
-    # Emu3-Gen 8B
-    "emu3-8b": ModelConfig(
-        family="emu3",
-        vocab_size=184622,
-        hidden_size=4096,
-        num_layers=32,
-        num_heads=32,
-        num_kv_heads=8,
-        intermediate_size=14336,
-        rope_theta=1e6,
-        max_position_embeddings=9216,
-    ),
-}
+PRESETS = families.presets()  # published configs by name, from each family module
 
 
 def count_text(n: int) -> str:
@@ -66,6 +41,8 @@ def _per_device_bytes(tree) -> int:
 
 def plan(model_dir, preset, tc: TrainConfig, mesh_text, seq_len: int) -> str:
     if preset:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown --preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
         cfg = PRESETS[preset]
     elif model_dir:
         cfg = ckpt.read_config(model_dir)

@@ -108,7 +108,7 @@ class _Encoder:
     """Turns parsed records into (tokens, kind) with one plan fixed by the first valid record."""
 
     def __init__(self, model):
-        from sjd2_jax.families import layouts as L
+        from sjd2_jax import families as L
 
         self.L, self.model = L, model
         self.family = model.config.family
@@ -184,7 +184,7 @@ def prepare(
     [(line, message)]. Raises RecordError (reject), ValueError, FileExistsError, FileNotFoundError."""
     from tqdm import tqdm
 
-    from sjd2_jax.families import layouts as L
+    from sjd2_jax import families as L
     from sjd2_jax.io import checkpoint as ckpt
 
     jsonl, out = Path(jsonl), Path(out_dir)

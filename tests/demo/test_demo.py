@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 import sjd2_jax
+from sjd2_jax import families as L
 from sjd2_jax.codecs import load_codec
 from sjd2_jax.demo import mnist
 from sjd2_jax.demo.patch_codec import PatchCodec, fit_patch_codec
-from sjd2_jax.families import layouts as L
 from sjd2_jax.io import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[2]

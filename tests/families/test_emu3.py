@@ -1,4 +1,5 @@
-"""Emu3: import from the three key schemes, parity with transformers, export back, bad input.
+"""Emu3: import from the three key schemes, parity with transformers, export back
+(bad input: tests/io/test_import_bad_sources.py).
 
 Tiny random Emu3ForConditionalGeneration (GQA 3: 6 query heads over 2 kv heads, rope
 theta 1e6) saved by transformers, plus the same weights under the original BAAI/Emu3-Gen
@@ -6,7 +7,6 @@ names (`model.*`, `lm_head.weight`, flat config) and HF's in-memory names.
 """
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +17,11 @@ pytestmark = pytest.mark.torch
 torch = pytest.importorskip("torch")
 
 import sjd2_jax  # noqa: E402
-from convert.__main__ import main  # noqa: E402
 from sjd2_jax.io.exporter import export_checkpoint  # noqa: E402
 from sjd2_jax.io.importer import import_checkpoint  # noqa: E402
 from sjd2_jax.io.parity import check  # noqa: E402
 
-from helpers import expect_cli_error  # noqa: E402
-from synthetic import emu3_vocabulary, make_emu3_checkpoint, make_janus_checkpoint  # noqa: E402
+from synthetic import emu3_vocabulary, make_emu3_checkpoint  # noqa: E402
 
 LAYOUTS = ("hf", "hf_memory", "original")
 
@@ -141,88 +139,9 @@ def test_original_export_loads_in_transformers(sources, imported, tmp_path):
 
 
 def test_rebuilt_vocabulary_map_has_real_ids():
-    from sjd2_jax.families.mapping import emu3_vocabulary_map
+    from sjd2_jax.families.emu3 import emu3_vocabulary_map
 
     vm = emu3_vocabulary_map(184622)
     assert vm["<|extra_200|>"] == 151846 and vm["<|extra_203|>"] == 151849 and vm["<|image start|>"] == 151852
     assert vm["<|visual token 000000|>"] == 151854 and vm["<|visual token 032767|>"] == 184621
     assert vm["<image>"] == 151646
-
-
-# ----------------------------------------------------------------------------- bad input
-
-
-def _edit_shard(src: Path, dst: Path, key: str, edit) -> Path:
-    """Copy a sharded folder and edit the shard holding `key` (index kept consistent)."""
-    from safetensors.numpy import load_file, save_file
-
-    shutil.copytree(src, dst)
-    index_file = dst / "model.safetensors.index.json"
-    index = json.loads(index_file.read_text())
-    shard = dst / index["weight_map"][key]
-    state = load_file(str(shard))
-    edit(state)
-    save_file(state, str(shard), metadata={"format": "pt"})
-    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != shard.name}
-    index["weight_map"].update({k: shard.name for k in state})
-    index_file.write_text(json.dumps(index))
-    return dst
-
-
-@pytest.mark.parametrize("layout", ["hf", "original"])
-def test_bad_missing_key(sources, tmp_path, capsys, layout):
-    key = ("text_model." if layout == "hf" else "") + "model.layers.1.mlp.up_proj.weight"
-    src = _edit_shard(sources[layout], tmp_path / "s", key, lambda s: s.pop(key))
-    expect_cli_error(["import", str(src), str(tmp_path / "o")], capsys, "missing keys", key, f"emu3/{layout}")
-
-
-def test_bad_extra_key(sources, tmp_path, capsys):
-    src = _edit_shard(
-        sources["original"],
-        tmp_path / "s",
-        "model.norm.weight",
-        lambda s: s.update({"model.layers.0.self_attn.q_norm.bias": np.ones(3, np.float32)}),
-    )
-    expect_cli_error(["import", str(src), str(tmp_path / "o")], capsys, "unknown keys", "q_norm.bias")
-
-
-def test_bad_wrong_shape(sources, tmp_path, capsys):
-    key = "text_model.model.layers.0.post_attention_layernorm.weight"
-    src = _edit_shard(sources["hf"], tmp_path / "s", key, lambda s: s.update({key: np.ones((7,), np.float32)}))
-    expect_cli_error(["import", str(src), str(tmp_path / "o")], capsys, "wrong shapes", key, "[7]")
-
-
-def test_bad_truncated_shard(sources, tmp_path, capsys):
-    src = tmp_path / "s"
-    shutil.copytree(sources["original"], src)
-    shard = sorted(src.glob("model-*.safetensors"))[1]
-    shard.write_bytes(shard.read_bytes()[:-100])
-    expect_cli_error(["import", str(src), str(tmp_path / "o")], capsys, "truncated", shard.name)
-
-
-def test_bad_unknown_model_type(sources, tmp_path, capsys):
-    src = tmp_path / "s"
-    shutil.copytree(sources["original"], src)
-    cfg = json.loads((src / "config.json").read_text())
-    cfg["model_type"] = "Emu4"
-    (src / "config.json").write_text(json.dumps(cfg))
-    expect_cli_error(["import", str(src), str(tmp_path / "o")], capsys, "unknown model type", "Emu4")
-
-
-def test_bad_mixed_up_family(sources, tmp_path, capsys):
-    # an Emu3 config.json beside Janus-Pro tensors
-    src = tmp_path / "s"
-    make_janus_checkpoint(src, layout="hf", hidden_size=32, num_heads=2, num_kv_heads=2, num_layers=1)
-    shutil.copy(sources["hf"] / "config.json", src / "config.json")
-    capsys.readouterr()
-    expect_cli_error(["import", str(src), str(tmp_path / "o")], capsys, "mixed-up family", "'emu3'", "janus")
-
-
-def test_bad_output_exists(sources, tmp_path, capsys):
-    out = tmp_path / "exists"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    rc = main(["import", str(sources["hf"]), str(out)])
-    err = capsys.readouterr().err
-    assert rc != 0 and err.startswith("error: ") and "already exists" in err and len(err.strip().splitlines()) == 1
-    assert (out / "keep.txt").read_text() == "mine"

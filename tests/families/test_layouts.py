@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sjd2_jax import families
 from sjd2_jax.api import Model
-from sjd2_jax.families import layouts as L
+from sjd2_jax.families import chameleon, emu3
 from sjd2_jax.model.config import ModelConfig
 
 from synthetic import (
@@ -75,7 +76,7 @@ def models(tmp_path_factory):
 
 
 def _vocab(model):
-    return L.vocabulary(model)
+    return families.vocabulary(model)
 
 
 def _text(model, ids):
@@ -128,7 +129,7 @@ def _check_codes(plan, vocab, code_of_name):
 def test_lumina_plan(models, size, hw):
     m = models["chameleon"]
     vm = _vocab(m)
-    plan = L.image_plan(m, size)
+    plan = families.image_plan(m, size)
     assert (plan.height, plan.width) == hw and plan.family == "chameleon"
     assert plan.head == "lm" and plan.cfg_mode == "logits"
     H, W = plan.pixel_size
@@ -139,7 +140,7 @@ def test_lumina_plan(models, size, hw):
     )
     _check_grid(plan, vm["<reserved08799>"], [vm["<eoss>"], vm["<reserved08706>"]])
     assert plan.total_tokens == 3 + hw[0] * (hw[1] + 1) + 2
-    _check_codes(plan, vm, L.lumina_code)
+    _check_codes(plan, vm, chameleon.lumina_code)
     # the tiny vocabulary's 32 image tokens are named for codes 0..31
     assert sorted(plan.token_of_code.tolist()) == sorted(vm[f] for f in vm if f.startswith("IMGIMG"))
     assert plan.token_of_code.shape == (32,)
@@ -148,7 +149,7 @@ def test_lumina_plan(models, size, hw):
 def test_lumina_768_count(models):
     m = models["chameleon"]
     vm = _vocab(m)
-    plan = L.image_plan(m)
+    plan = families.image_plan(m)
     assert (plan.height, plan.width, plan.pixel_size) == (48, 48, (768, 768))
     assert plan.total_tokens == 2357 and plan.num_generated == 2354
     assert plan.prefix[1:] == (vm["<reserved08824>"],) * 2  # the published H/W token for 768 px
@@ -156,49 +157,49 @@ def test_lumina_768_count(models):
 
 
 def test_lumina_code_names():
-    assert L.lumina_code("IMGIMGAZ") == 0
-    assert L.lumina_code("IMGIMGBAZ") == 10
-    assert L.lumina_code("IMGIMGHBJCZ") == 7192
-    assert L.lumina_code("<eoss>") is None
+    assert chameleon.lumina_code("IMGIMGAZ") == 0
+    assert chameleon.lumina_code("IMGIMGBAZ") == 10
+    assert chameleon.lumina_code("IMGIMGHBJCZ") == 7192
+    assert chameleon.lumina_code("<eoss>") is None
     with pytest.raises(ValueError, match=r"A\.\.J"):
-        L.lumina_code("IMGIMGKZ")
+        chameleon.lumina_code("IMGIMGKZ")
 
 
 @pytest.mark.parametrize("size", [48, (64, 48), (100, 64), 0, (64,), "big"])
 def test_lumina_bad_size(models, size):
     with pytest.raises(ValueError, match="size"):
-        L.image_plan(models["chameleon"], size)
+        families.image_plan(models["chameleon"], size)
 
 
 def test_lumina_size_error_names_the_rule(models):
     with pytest.raises(ValueError, match=r"not a multiple of 32 px.*32-px units"):
-        L.image_plan(models["chameleon"], (64, 48))
+        families.image_plan(models["chameleon"], (64, 48))
 
 
 def test_lumina_missing_grid_token(models):
     # 2048 px needs <reserved08864>, absent from the tiny vocabulary (grid tokens 1..32)
     with pytest.raises(ValueError, match="<reserved08864>"):
-        L.image_plan(models["chameleon"], 2048)
+        families.image_plan(models["chameleon"], 2048)
 
 
 def test_lumina_prompts(models):
     m = models["chameleon"]
     vm = _vocab(m)
-    plan = L.image_plan(m, (32, 64))
-    cond, uncond = L.prompt_ids(m, ["A red cat.", "Two dogs"], plan)
+    plan = families.image_plan(m, (32, 64))
+    cond, uncond = families.prompt_ids(m, ["A red cat.", "Two dogs"], plan)
     assert uncond == [[], []]
     for ids, cap in zip(cond, ["A red cat.", "Two dogs"], strict=True):
         assert ids[0] == vm["<s>"] and ids[-1] == vm["<reserved08706>"]
         assert _text(m, ids[1:-1]) == f"Generate an image of 64x32 according to the following prompt:\n{cap}"
     assert _text(m, cond[0]).startswith("<s>Generate") and _text(m, cond[0]).endswith("cat.<reserved08706>")
     # a single string and token-id lists
-    c1, u1 = L.prompt_ids(m, "A red cat.", plan)
+    c1, u1 = families.prompt_ids(m, "A red cat.", plan)
     assert c1 == cond[:1] and u1 == [[]]
-    c2, u2 = L.prompt_ids(m, [5, 6, 7], plan)
+    c2, u2 = families.prompt_ids(m, [5, 6, 7], plan)
     assert c2 == [[5, 6, 7]] and u2 == [[]]
-    c3, _ = L.prompt_ids(m, [[1, 2], np.array([3, 4]), "A red cat."], plan)
+    c3, _ = families.prompt_ids(m, [[1, 2], np.array([3, 4]), "A red cat."], plan)
     assert c3 == [[1, 2], [3, 4], cond[0]]
-    c4, _ = L.prompt_ids(m, np.array([[1, 2], [3, 4]]), plan)
+    c4, _ = families.prompt_ids(m, np.array([[1, 2], [3, 4]]), plan)
     assert c4 == [[1, 2], [3, 4]]
 
 
@@ -216,7 +217,7 @@ def _visual(name):
 def test_emu3_plan(models, size, hw):
     m = models["emu3"]
     vm = _vocab(m)
-    plan = L.image_plan(m, size)
+    plan = families.image_plan(m, size)
     assert (plan.height, plan.width) == hw and plan.family == "emu3"
     assert plan.prefix == () and plan.head == "lm" and plan.cfg_mode == "log_softmax"
     _check_grid(plan, vm["<|extra_200|>"], [vm["<|extra_201|>"], vm["<|image end|>"], vm["<|extra_204|>"]])
@@ -226,7 +227,7 @@ def test_emu3_plan(models, size, hw):
 
 
 def test_emu3_720_count(models):
-    plan = L.image_plan(models["emu3"])
+    plan = families.image_plan(models["emu3"])
     assert (plan.height, plan.width, plan.pixel_size) == (90, 90, (720, 720))
     assert plan.total_tokens == plan.num_generated == 8193
 
@@ -234,14 +235,14 @@ def test_emu3_720_count(models):
 @pytest.mark.parametrize("size", [(64, 50), 721, 4])
 def test_emu3_bad_size(models, size):
     with pytest.raises(ValueError, match="not a multiple of 8 px"):
-        L.image_plan(models["emu3"], size)
+        families.image_plan(models["emu3"], size)
 
 
 def test_emu3_prompts(models):
     m = models["emu3"]
     vm = _vocab(m)
-    plan = L.image_plan(m, (64, 48))
-    cond, uncond = L.prompt_ids(m, "A cat.", plan)
+    plan = families.image_plan(m, (64, 48))
+    cond, uncond = families.prompt_ids(m, "A cat.", plan)
     prefix = [vm["<|image start|>"], vm["8"], vm["*"], vm["6"], vm["<|image token|>"]]
     c, u = cond[0], uncond[0]
     assert c[0] == vm["<|extra_203|>"] and c[-5:] == prefix
@@ -250,28 +251,28 @@ def test_emu3_prompts(models):
         "<|extra_203|>A cat. masterpiece, film grained, best quality.<|image start|>8*6<|image token|>"
     )
     assert u[0] == vm["<|extra_203|>"] and u[-5:] == prefix  # negative prompt ends like the cond prompt
-    assert _text(m, u[1:-5]) == L.EMU3_NEGATIVE_PROMPT
+    assert _text(m, u[1:-5]) == emu3.EMU3_NEGATIVE_PROMPT
     # custom negative prompt
-    _, u2 = L.prompt_ids(m, "A cat.", plan, negative_prompt="ugly")
+    _, u2 = families.prompt_ids(m, "A cat.", plan, negative_prompt="ugly")
     assert _text(m, u2[0]) == "<|extra_203|>ugly<|image start|>8*6<|image token|>"
     # token lists: passed through; uncond copies the list's image prefix (from its last BOI)
     ids = [vm["<|extra_203|>"], 50, 51, vm["<|image start|>"], vm["2"], vm["*"], vm["2"], vm["<|image token|>"]]
-    c3, u3 = L.prompt_ids(m, [ids], plan)
-    assert c3 == [ids] and u3[0][-5:] == ids[-5:] and _text(m, u3[0][1:-5]) == L.EMU3_NEGATIVE_PROMPT
+    c3, u3 = families.prompt_ids(m, [ids], plan)
+    assert c3 == [ids] and u3[0][-5:] == ids[-5:] and _text(m, u3[0][1:-5]) == emu3.EMU3_NEGATIVE_PROMPT
     # without a BOI the plan's prefix is used
-    _, u4 = L.prompt_ids(m, [[vm["<|extra_203|>"], 50]], plan)
+    _, u4 = families.prompt_ids(m, [[vm["<|extra_203|>"], 50]], plan)
     assert u4[0][-5:] == prefix
 
 
 def test_emu3_prompts_without_tokenizer(models):
     m = models["emu3_notok"]
     vm = _vocab(m)
-    plan = L.image_plan(m, (64, 48))
+    plan = families.image_plan(m, (64, 48))
     ids = [vm["<|extra_203|>"], 50, vm["<|image start|>"], 60, 61, vm["<|image token|>"]]
-    c, u = L.prompt_ids(m, [ids], plan)
+    c, u = families.prompt_ids(m, [ids], plan)
     assert c == [ids] and u == [[vm["<|extra_203|>"], vm["<|image start|>"], 60, 61, vm["<|image token|>"]]]
     with pytest.raises(ValueError, match="no <\\|image start\\|>"):
-        L.prompt_ids(m, [[vm["<|extra_203|>"], 50]], plan)
+        families.prompt_ids(m, [[vm["<|extra_203|>"], 50]], plan)
 
 
 # ----------------------------------------------------------------------------- Janus-Pro
@@ -279,57 +280,57 @@ def test_emu3_prompts_without_tokenizer(models):
 
 def test_janus_plan(models):
     m = models["janus"]
-    plan = L.image_plan(m)
+    plan = families.image_plan(m)
     assert (plan.height, plan.width, plan.pixel_size) == (4, 4, (64, 64))  # vq_config.num_patches = 4
     assert plan.prefix == () and plan.head == "gen" and plan.cfg_mode == "logits"
     assert plan.forced.tolist() == [-1] * 16 and plan.total_tokens == 16
     assert plan.allowed.shape == (N_CODES,) and plan.allowed.all()
     assert plan.code_of_token.tolist() == list(range(N_CODES))
-    assert L.image_plan(m, 64).height == 4
+    assert families.image_plan(m, 64).height == 4
     codes = np.arange(16).reshape(1, 4, 4) % N_CODES
     np.testing.assert_array_equal(plan.tokens_to_codes(plan.codes_to_tokens(codes)), codes)
 
 
 def test_janus_default_grid():
     m = Model(_config("janus"), None, path=None, hf_config={})
-    plan = L.image_plan(m)
+    plan = families.image_plan(m)
     assert (plan.height, plan.width) == (24, 24) and plan.total_tokens == 576
-    assert L.image_plan(m, 128).height == 8  # no grid in the config: any square multiple of 16
+    assert families.image_plan(m, 128).height == 8  # no grid in the config: any square multiple of 16
     orig = Model(_config("janus"), None, hf_config={"vision_config": {"params": {"image_size": 384}}})
-    assert L.image_plan(orig).height == 24
+    assert families.image_plan(orig).height == 24
     hf = Model(_config("janus"), None, hf_config={"vision_config": {"num_image_tokens": 576}})
-    assert L.image_plan(hf).height == 24
+    assert families.image_plan(hf).height == 24
 
 
 @pytest.mark.parametrize("size,msg", [(384, "fixed 4x4 code grid"), ((64, 32), "square"), (72, "multiple of 16")])
 def test_janus_bad_size(models, size, msg):
     with pytest.raises(ValueError, match=msg):
-        L.image_plan(models["janus"], size)
+        families.image_plan(models["janus"], size)
 
 
 def test_janus_prompts(models):
     m = models["janus"]
     vm = _vocab(m)
-    plan = L.image_plan(m)
-    cond, uncond = L.prompt_ids(m, ["A cat.", "Dog"], plan)
+    plan = families.image_plan(m)
+    cond, uncond = families.prompt_ids(m, ["A cat.", "Dog"], plan)
     for c, u, cap in zip(cond, uncond, ["A cat.", "Dog"], strict=True):
         assert c[0] == vm["<｜begin▁of▁sentence｜>"] and c[-1] == vm["<begin_of_image>"]
         assert _text(m, c[1:-1]) == f"<|User|>: {cap}\n\n<|Assistant|>:"
         assert len(u) == len(c) and u[0] == c[0] and u[-1] == c[-1]
         assert u[1:-1] == [vm["<｜▁pad▁｜>"]] * (len(c) - 2)
-    c2, u2 = L.prompt_ids(m, [[0, 9, 9, 9, 3]], plan)
+    c2, u2 = families.prompt_ids(m, [[0, 9, 9, 9, 3]], plan)
     assert c2 == [[0, 9, 9, 9, 3]] and u2 == [[0, 2, 2, 2, 3]]
 
 
 def test_janus_pad_without_tokenizer(models):
     bare = models["janus_notok"]
-    plan = L.image_plan(bare)
+    plan = families.image_plan(bare)
     with pytest.raises(ValueError, match="pad"):
-        L.prompt_ids(bare, [[0, 9, 9, 3]], plan)
+        families.prompt_ids(bare, [[0, 9, 9, 3]], plan)
     withpad = Model(_config("janus"), None, path=bare.path, hf_config={"text_config": {"pad_token_id": 7}})
-    assert L.prompt_ids(withpad, [[0, 9, 9, 3]], plan)[1] == [[0, 7, 7, 3]]
+    assert families.prompt_ids(withpad, [[0, 9, 9, 3]], plan)[1] == [[0, 7, 7, 3]]
     with pytest.raises(ValueError, match="at least BOS"):
-        L.prompt_ids(models["janus"], [[0]], plan)
+        families.prompt_ids(models["janus"], [[0]], plan)
 
 
 # ----------------------------------------------------------------------------- shared errors and defaults
@@ -338,54 +339,54 @@ def test_janus_pad_without_tokenizer(models):
 @pytest.mark.parametrize("family", ["chameleon", "emu3", "janus"])
 def test_string_prompt_needs_tokenizer(models, family):
     m = models[family + "_notok"]
-    plan = L.image_plan(m, 64)
+    plan = families.image_plan(m, 64)
     with pytest.raises(ValueError, match=r"tokenizer\.json"):
-        L.prompt_ids(m, "A cat.", plan)
+        families.prompt_ids(m, "A cat.", plan)
     nopath = Model(m.config, None, path=None, hf_config=m.hf_config)
     with pytest.raises(ValueError, match=r"tokenizer\.json"):
-        L.prompt_ids(nopath, ["A cat."], plan)
+        families.prompt_ids(nopath, ["A cat."], plan)
 
 
 def test_unknown_family():
     fake = types.SimpleNamespace(config=types.SimpleNamespace(family="llama", vocab_size=10), vocabulary={})
     with pytest.raises(ValueError, match="unknown model family 'llama'"):
-        L.image_plan(fake)
+        families.image_plan(fake)
     with pytest.raises(ValueError, match="unknown model family"):
-        L.prompt_ids(fake, [[1]], None)
+        families.prompt_ids(fake, [[1]], None)
     with pytest.raises(ValueError, match="unknown model family 'llama'"):
-        L.sampling_defaults("llama")
+        families.sampling_defaults("llama")
 
 
 def test_bad_prompts(models):
     m = models["chameleon"]
-    plan = L.image_plan(m, 64)
+    plan = families.image_plan(m, 64)
     with pytest.raises(ValueError, match="out of range"):
-        L.prompt_ids(m, [[1, V_LM]], plan)
+        families.prompt_ids(m, [[1, V_LM]], plan)
     with pytest.raises(ValueError, match="empty"):
-        L.prompt_ids(m, [[]], plan)
+        families.prompt_ids(m, [[]], plan)
     with pytest.raises(ValueError, match="non-empty"):
-        L.prompt_ids(m, [], plan)
+        families.prompt_ids(m, [], plan)
     with pytest.raises(ValueError, match="string or a list of token ids"):
-        L.prompt_ids(m, [1.5, "x"], plan)
+        families.prompt_ids(m, [1.5, "x"], plan)
     with pytest.raises(ValueError, match="plan is for emu3"):
-        L.prompt_ids(m, "x", L.image_plan(models["emu3"], 64))
+        families.prompt_ids(m, "x", families.image_plan(models["emu3"], 64))
     with pytest.raises(ValueError, match="Emu3 only"):
-        L.prompt_ids(m, "x", plan, negative_prompt="ugly")
+        families.prompt_ids(m, "x", plan, negative_prompt="ugly")
 
 
 def test_missing_special_token(models, tmp_path):
     vm = {k: v for k, v in lumina_vocabulary(V_LM).items() if k != "<reserved08799>"}
     m = Model(_config("chameleon"), None, path=tmp_path, hf_config={"vocabulary_map": vm})
     with pytest.raises(ValueError, match="<reserved08799>"):
-        L.image_plan(m, 64)
+        families.image_plan(m, 64)
     noimg = {k: v for k, v in lumina_vocabulary(V_LM).items() if not k.startswith("IMGIMG")}
     m2 = Model(_config("chameleon"), None, path=tmp_path, hf_config={"vocabulary_map": noimg})
     with pytest.raises(ValueError, match="no image tokens"):
-        L.image_plan(m2, 64)
+        families.image_plan(m2, 64)
 
 
 def test_tokens_to_codes_shapes(models):
-    plan = L.image_plan(models["chameleon"], 64)
+    plan = families.image_plan(models["chameleon"], 64)
     with pytest.raises(ValueError, match="last dim"):
         plan.tokens_to_codes(np.zeros((1, 7), np.int32))
     bad = plan.codes_to_tokens(np.zeros((4, 4), np.int32)).copy()
@@ -396,12 +397,12 @@ def test_tokens_to_codes_shapes(models):
 
 
 def test_sampling_defaults(models):
-    assert L.sampling_defaults("chameleon") == dict(temperature=1.0, top_k=2000, top_p=1.0, cfg_scale=3.0)
-    assert L.sampling_defaults("emu3") == dict(temperature=1.0, top_k=2048, top_p=1.0, cfg_scale=3.0)
-    assert L.sampling_defaults(models["janus"]) == dict(temperature=1.0, top_k=0, top_p=1.0, cfg_scale=5.0)
-    d = L.sampling_defaults("emu3")
+    assert families.sampling_defaults("chameleon") == dict(temperature=1.0, top_k=2000, top_p=1.0, cfg_scale=3.0)
+    assert families.sampling_defaults("emu3") == dict(temperature=1.0, top_k=2048, top_p=1.0, cfg_scale=3.0)
+    assert families.sampling_defaults(models["janus"]) == dict(temperature=1.0, top_k=0, top_p=1.0, cfg_scale=5.0)
+    d = families.sampling_defaults("emu3")
     d["top_k"] = 1
-    assert L.sampling_defaults("emu3")["top_k"] == 2048  # a copy
+    assert families.sampling_defaults("emu3")["top_k"] == 2048  # a copy
 
 
 def test_tokenizer_vocabulary_agrees(models):
@@ -451,26 +452,28 @@ def imported(tmp_path_factory):
 def test_imported_checkpoints(imported, models, name):
     model, vm = imported[name]
     fam = name.split("_")[0]
-    assert L.vocabulary(model) == vm
+    assert families.vocabulary(model) == vm
     if fam in ("chameleon", "emu3") and name != "emu3_original":
         assert model.vocabulary == vm  # config.json vocabulary_map agrees with the tokenizer
     size = {"chameleon": (32, 64), "emu3": (64, 48), "janus": None}[fam]
     fake = models[fam]
     if fam == "janus":  # same grid rule as the checkpoint's config
         fake = Model(fake.config, None, path=fake.path, hf_config=model.hf_config)
-    plan, ref = L.image_plan(model, size), L.image_plan(fake, size)
+    plan, ref = families.image_plan(model, size), families.image_plan(fake, size)
     for f in ("prefix", "height", "width", "head", "cfg_mode"):
         assert getattr(plan, f) == getattr(ref, f), f
     for f in ("forced", "allowed", "code_of_token", "token_of_code"):
         np.testing.assert_array_equal(getattr(plan, f), getattr(ref, f), err_msg=f)
-    assert L.prompt_ids(model, ["A cat.", [1, 2, 3]], plan) == L.prompt_ids(fake, ["A cat.", [1, 2, 3]], ref)
+    assert families.prompt_ids(model, ["A cat.", [1, 2, 3]], plan) == families.prompt_ids(
+        fake, ["A cat.", [1, 2, 3]], ref
+    )
 
 
 @pytest.mark.torch
 def test_imported_janus_grid(imported):
     # HF JanusConfig: vq_config.num_patches = vision image_size // patch_size = 32 // 8
-    assert L.image_plan(imported["janus"][0]).height == 4
+    assert families.image_plan(imported["janus"][0]).height == 4
     # original MultiModalityConfig: vision_config.params.image_size // 16 = 32 // 16
-    assert L.image_plan(imported["janus_original"][0]).height == 2
+    assert families.image_plan(imported["janus_original"][0]).height == 2
     hf = json.loads((Path(imported["janus"][0].path) / "hf_config.json").read_text())
     assert hf["vq_config"]["num_patches"] == 4

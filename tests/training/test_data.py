@@ -71,7 +71,7 @@ def _run_main(argv, capsys):
 
 @pytest.mark.torch
 def test_prepare_lumina(lumina_ckpt, tmp_path, capsys):
-    from sjd2_jax.families import layouts as L
+    from sjd2_jax import families as L
 
     records = [_record(c, k) for k, c in enumerate(CAPTIONS)]
     src = _write_jsonl(tmp_path / "in.jsonl", records[:4] + [""] + records[4:])  # blank line 5 is ignored
@@ -130,7 +130,7 @@ def test_prepare_lumina(lumina_ckpt, tmp_path, capsys):
 @pytest.mark.torch
 def test_prepare_null_caption_is_unconditional(lumina_ckpt, tmp_path, capsys):
     """A null caption gets the family's unconditional prompt (Lumina-mGPT: nothing before the image prefix)."""
-    from sjd2_jax.families import layouts as L
+    from sjd2_jax import families as L
 
     records = [_record("a cat", 0), _record(None, 1)]
     out = tmp_path / "data"
@@ -231,7 +231,7 @@ def test_prepare_skip_counts_and_lists_lines(lumina_ckpt, tmp_path, capsys):
     assert index["skipped_lines"] == bad_lines and index["num_records"] == len(kept) and index["seq_len"] == 160
 
     # The kept records are the good ones, in input order.
-    from sjd2_jax.families import layouts as L
+    from sjd2_jax import families as L
 
     plan = L.image_plan(P.load_model_meta(lumina_ckpt), 64)
     ds = D.Dataset(out)
@@ -326,7 +326,7 @@ def _meta_checkpoint(folder, family, context=4096):
 
 @pytest.mark.parametrize("family,grid,n_codes", [("emu3", (3, 5), 32), ("janus", (4, 4), 16)])
 def test_prepare_emu3_janus(tmp_path, capsys, family, grid, n_codes):
-    from sjd2_jax.families import layouts as L
+    from sjd2_jax import families as L
 
     ckpt = _meta_checkpoint(tmp_path / "ckpt", family)
     rng = np.random.default_rng(0)
@@ -343,7 +343,7 @@ def test_prepare_emu3_janus(tmp_path, capsys, family, grid, n_codes):
         assert "skipped line 1: a 2x2 code grid (32x32 px) is not a valid janus image" in err
     ds = D.Dataset(tmp_path / "d")
     model = P.load_model_meta(ckpt)
-    ppc = L.PIXELS_PER_CODE[family]
+    ppc = L.get_family(family).pixels_per_code
     plan = L.image_plan(model, (grid[0] * ppc, grid[1] * ppc))
     assert ds.index["head"] == plan.head == ("gen" if family == "janus" else "lm")
     rows = recs if family == "janus" else [recs[0], *recs]
