@@ -36,16 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from sjd2_jax.demo import mnist  # noqa: E402
 from sjd2_jax.demo.patch_codec import PatchCodec, fit_patch_codec  # noqa: E402
-
-try:  # the Lumina-mGPT names live in the chameleon family module (families/layouts.py before it)
-    from sjd2_jax.families.chameleon import LUMINA, LUMINA_PROMPT, lumina_grid_token, lumina_image_token
-except ImportError:  # pragma: no cover
-    from sjd2_jax.families.layouts import (  # type: ignore[no-redef, attr-defined]
-        LUMINA,
-        LUMINA_PROMPT,
-        lumina_grid_token,
-        lumina_image_token,
-    )
+from sjd2_jax.families.chameleon import LUMINA, LUMINA_PROMPT, lumina_grid_token, lumina_image_token  # noqa: E402
 from sjd2_jax.io import checkpoint as ckpt  # noqa: E402
 
 DEMO_DIR = ROOT / "sjd2_jax" / "demo" / "checkpoint"
