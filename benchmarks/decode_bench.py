@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sjd2_jax.decode.engine import DecodeSpec, Sampling, decode
+from sjd2_jax.decode.engine import DecodeSpec, Sampling, decode, row_keys
 from sjd2_jax.model import transformer as M
 from sjd2_jax.model.cache import KVCache
 from sjd2_jax.sjd2.masks import window_masks, window_positions
@@ -49,7 +49,7 @@ def step_compression(params, cfg, n_tokens=120, window=16, levels=4, batch=4):
     for method in ("ar", "jacobi", "sjd", "sjd2"):
         spec = DecodeSpec(method=method, window=window, num_tokens=n_tokens, noise=NoiseConfig(num_levels=levels))
         knobs = Sampling.make(batch, temperature=1.0, top_k=8)
-        r = decode(params, cfg, spec, prompts, lens, forced, allowed, knobs, jax.random.key(0))
+        r = decode(params, cfg, spec, prompts, lens, forced, allowed, knobs, row_keys(0, range(batch)))
         steps = np.asarray(r.steps)
         out[method] = {"steps_mean": float(steps.mean()), "compression": float(n_tokens / steps.mean())}
     return out
@@ -65,7 +65,7 @@ def engine_overhead(params, cfg, n_tokens=200, window=16, levels=4, batch=1):
     res = {}
 
     def full():
-        r = decode(params, cfg, spec, prompts, lens, forced, allowed, knobs, jax.random.key(1))
+        r = decode(params, cfg, spec, prompts, lens, forced, allowed, knobs, row_keys(1, range(batch)))
         res["steps"] = int(np.asarray(r.steps).max())
         return r.tokens.block_until_ready()
 
@@ -74,7 +74,7 @@ def engine_overhead(params, cfg, n_tokens=200, window=16, levels=4, batch=1):
 
     def prefill_only():  # prompt prefill + one iteration: subtracted so only loop iterations count
         return decode(
-            params, cfg, spec1, prompts, lens, forced[:1], allowed, knobs, jax.random.key(1)
+            params, cfg, spec1, prompts, lens, forced[:1], allowed, knobs, row_keys(1, range(batch))
         ).tokens.block_until_ready()
 
     t_one = _best(prefill_only, repeat=3)
@@ -130,7 +130,7 @@ def ar_vs_transformers(n_tokens=128):
     ours = {}
 
     def run_ours():
-        ours["tokens"] = np.asarray(decode(model.params, cfg, spec, *args, knobs, jax.random.key(0)).tokens)
+        ours["tokens"] = np.asarray(decode(model.params, cfg, spec, *args, knobs, row_keys(0, [0])).tokens)
 
     t_ours = _best(run_ours, repeat=3)
     torch.set_num_threads(2)

@@ -69,7 +69,12 @@ def _parser() -> argparse.ArgumentParser:
         help="UTF-8 text file, one prompt per line (blank lines and lines starting with # skipped)",
     )
     p.add_argument("--method", choices=METHODS, default="sjd2", help="decoding method (default sjd2)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="random seed (default 0); image i of the run draws from (seed, i) whatever --batch-size",
+    )
     p.add_argument("--batch-size", type=int, default=10, help="images decoded together (default 10)")
     p.add_argument("--out", type=Path, default=Path("out/infer"), help="output folder (default out/infer)")
     p.add_argument("--size", type=int, default=None, help="image size in pixels (default: the model's)")
@@ -402,7 +407,8 @@ def run(args, log=print) -> list[dict]:
                     padded,
                     method=method,
                     size=args.size,
-                    seed=args.seed * 100_003 + b,
+                    seed=args.seed,
+                    first_index=start,  # image i of the run draws from (seed, i), whatever the batch size
                     temperature=args.temperature,
                     top_k=args.top_k,
                     top_p=args.top_p,

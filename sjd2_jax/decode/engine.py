@@ -23,7 +23,8 @@ its step of the method: `window_inputs` -> `next_token_probs` (forward pass and
 guidance) -> `verify` -> `commit` -> `slide` (with SJD2's denoise step) -> `record_trace`.
 
 Rows of a batch advance independently: per-row committed counts, cache lengths, step
-counters and done flags. With classifier-free guidance the unconditional rows run
+counters, done flags and PRNG keys (row b's random draws come from its own key only, so
+a row's tokens do not depend on the batch around it). With classifier-free guidance the unconditional rows run
 beside the conditional ones (same window inputs, their own prompt and cache) and the
 two logits are combined before processing.
 """
@@ -127,7 +128,7 @@ class DecodeState:
     steps: jax.Array  # [B] forward passes while the row was active
     accepted: jax.Array  # [B, N] tokens committed at each step
     it: jax.Array  # scalar loop counter
-    key: jax.Array
+    keys: jax.Array  # [B] one PRNG key per row, split every iteration
     trace_drafts: jax.Array  # [max(trace, 1), B, W-1] drafts entering iteration t (-1: none yet)
     trace_done: jax.Array  # [max(trace, 1), B] committed tokens before iteration t
 
@@ -204,6 +205,18 @@ def _where_rows(row: jax.Array, new, old):
     return jax.tree.map(pick, new, old)
 
 
+def row_keys(seed: int, indices) -> jax.Array:
+    """One PRNG key per image [len(indices)]: the key of `seed` with the image's index folded in."""
+    base = jax.random.key(seed)
+    return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(indices, jnp.uint32))
+
+
+def _split_rows(keys: jax.Array, num: int) -> tuple[jax.Array, ...]:
+    """Split every row's key into `num` keys: a tuple of `num` key arrays [B]."""
+    split = jax.vmap(lambda k: jax.random.split(k, num))(keys)
+    return tuple(split[:, i] for i in range(num))
+
+
 def _both_branches(spec: DecodeSpec, x: jax.Array) -> jax.Array:
     """Per-row values for the forward pass: with guidance the unconditional rows repeat the conditional ones."""
     return jnp.concatenate([x, x], 0) if spec.guidance else x
@@ -227,31 +240,36 @@ def prefill(ctx: Context, prompts: jax.Array, prompt_lens: jax.Array, capacity: 
     return filled.advance(prompt_lens - 1), M.embed(ctx.params, ctx.cfg, last)
 
 
-def fresh_positions(ctx: Context, key: jax.Array, shape: tuple[int, ...]) -> Window:
-    """Positions entering at the back of the window (method step 1 and 5).
+def fresh_positions(ctx: Context, keys: jax.Array) -> Window:
+    """Positions 1..W-1 as they enter at the back of the window (method steps 1 and 5), one row per key.
 
     SJD and JD: a uniformly random allowed token with a one-hot q. SJD2: pure noise at
     the top level K and no draft until the model has predicted the position.
     """
     V, D = ctx.table.shape
-    k_token, k_noise = jax.random.split(key)
-    if ctx.spec.method == "sjd2":
+    n = ctx.spec.window - 1
+
+    def one_row(key) -> Window:
+        k_token, k_noise = jax.random.split(key)
+        if ctx.spec.method == "sjd2":
+            return Window(
+                drafts=jnp.zeros((n,), jnp.int32),
+                has_draft=jnp.zeros((n,), bool),
+                q=jnp.zeros((n, V), jnp.float32),
+                z=jax.random.normal(k_noise, (n, D), jnp.float32),
+                level=jnp.full((n,), ctx.spec.levels, jnp.int32),
+            )
+        uniform_allowed = jnp.broadcast_to(jnp.where(ctx.allowed, 0.0, -jnp.inf), (n, V))
+        token = jax.random.categorical(k_token, uniform_allowed).astype(jnp.int32)
         return Window(
-            drafts=jnp.zeros(shape, jnp.int32),
-            has_draft=jnp.zeros(shape, bool),
-            q=jnp.zeros(shape + (V,), jnp.float32),
-            z=jax.random.normal(k_noise, shape + (D,), jnp.float32),
-            level=jnp.full(shape, ctx.spec.levels, jnp.int32),
+            drafts=token,
+            has_draft=jnp.ones((n,), bool),
+            q=jax.nn.one_hot(token, V, dtype=jnp.float32),
+            z=jnp.zeros((n, D), jnp.float32),
+            level=jnp.zeros((n,), jnp.int32),
         )
-    uniform_allowed = jnp.broadcast_to(jnp.where(ctx.allowed, 0.0, -jnp.inf), shape + (V,))
-    token = jax.random.categorical(k_token, uniform_allowed).astype(jnp.int32)
-    return Window(
-        drafts=token,
-        has_draft=jnp.ones(shape, bool),
-        q=jax.nn.one_hot(token, V, dtype=jnp.float32),
-        z=jnp.zeros(shape + (D,), jnp.float32),
-        level=jnp.zeros(shape, jnp.int32),
-    )
+
+    return jax.vmap(one_row)(keys)
 
 
 def force_structure(ctx: Context, window: Window, n_done: jax.Array) -> Window:
@@ -313,7 +331,7 @@ def next_token_probs(ctx: Context, s: DecodeState, inputs: WindowInputs) -> tupl
     return S.process(logits, ctx.allowed, forced, k.temperature, k.top_k, k.top_p), cache
 
 
-def verify(ctx: Context, window: Window, p: jax.Array, y: jax.Array, key_accept, key_residual) -> Verdict:
+def verify(ctx: Context, window: Window, p: jax.Array, y: jax.Array, keys_accept, keys_residual) -> Verdict:
     """Method step 3: test drafts d_1..d_{W-1} against p_0..p_{W-2}, left to right.
 
     JD accepts d_i while it equals the model's own sample y_{i-1}; SJD and SJD2 accept
@@ -333,7 +351,8 @@ def verify(ctx: Context, window: Window, p: jax.Array, y: jax.Array, key_accept,
     else:
         p_d = jnp.take_along_axis(p[:, :-1], d[..., None], -1)[..., 0]
         q_d = jnp.take_along_axis(window.q, d[..., None], -1)[..., 0]
-        ok = jax.random.uniform(key_accept, (B, W - 1)) * q_d < p_d
+        u = jax.vmap(lambda k: jax.random.uniform(k, (W - 1,)))(keys_accept)
+        ok = u * q_d < p_d
     ok = ok & window.has_draft
     if spec.exact_sjd2:  # p_{i-1} is exact only if every input before position i was clean
         clean = (window.level == 0).astype(jnp.int32)
@@ -345,7 +364,7 @@ def verify(ctx: Context, window: Window, p: jax.Array, y: jax.Array, key_accept,
     else:  # no draft at position a+1 (SJD2, not predicted yet): the residual is p_a itself
         rejected = jnp.minimum(a, W - 2)  # index of position a+1 among 1..W-1 (unused if all passed)
         q_next = jnp.where(_at(window.has_draft, rejected)[:, None], _at(window.q, rejected), 0.0)
-        correction = S.sample(key_residual, S.residual(_at(p, a), q_next))
+        correction = S.sample_rows(keys_residual, S.residual(_at(p, a), q_next))
     after = jnp.where(a == W - 1, y[:, W - 1], correction)
     tokens = jnp.where(jnp.arange(W)[None] == a[:, None], after[:, None], jnp.pad(d, ((0, 0), (0, 1))))
     count = a + 1
@@ -376,21 +395,21 @@ def commit(ctx: Context, s: DecodeState, cache: KVCache, tokens: jax.Array, coun
     )
 
 
-def slide(ctx: Context, window: Window, p, y, count, n_done, key) -> Window:
+def slide(ctx: Context, window: Window, p, y, count, n_done, keys) -> Window:
     """Method step 5: shift the window past the `count` committed tokens.
 
     New position i takes the pass's sample y_{count+i-1} as its draft (q = p_{count+i-1});
     an SJD2 position that survives also takes one denoise step toward that prediction;
     positions beyond the pass are fresh. Structure tokens are then forced (step 6).
     """
-    spec, B, W = ctx.spec, ctx.batch, ctx.spec.window
+    spec, W = ctx.spec, ctx.spec.window
     if W == 1:
         return window
     source = count[:, None] + jnp.arange(W - 1)[None]  # window index each new position 1..W-1 comes from
     from_pass = source <= W - 1
     drafts = _gather(y, jnp.minimum(source, W - 1))
     q = _gather(p, jnp.minimum(source, W - 1))
-    fresh = fresh_positions(ctx, key, (B, W - 1))
+    fresh = fresh_positions(ctx, keys)
     z, level = window.z, window.level
     if spec.method == "sjd2":
         survives = source <= W - 2  # was a position 1..W-1 of this pass
@@ -437,7 +456,7 @@ def decode(
     forced,
     allowed,
     knobs: Sampling,
-    key,
+    keys,
     stats: EmbedStats | None = None,
 ) -> DecodeResult:
     """Generate spec.num_tokens tokens per row after each prompt.
@@ -445,6 +464,8 @@ def decode(
     prompts: int [R, P] right-padded (R = B, or 2B with guidance: conditional rows first,
     then the unconditional ones); prompt_lens: int [R] (>= 1). forced: int [N] token id
     or -1 per generated index; allowed: bool [V] tokens free positions may take.
+    keys: [B] one PRNG key per conditional row (`row_keys`); row b's tokens depend on
+    its own prompt(s), knobs and key only, not on the other rows.
     stats: embedding statistics for SJD2 (default: over all rows of the input table).
     """
     R, P = prompts.shape
@@ -453,6 +474,7 @@ def decode(
     chex.assert_shape(prompt_lens, (R,))
     chex.assert_shape(forced, (N,))
     chex.assert_shape(knobs.temperature, (B,))
+    chex.assert_shape(keys, (B,))
     table = input_table(params, cfg, spec.head)
     D = table.shape[1]
     if stats is None:
@@ -470,27 +492,27 @@ def decode(
         allowed=allowed,
     )
     cache, last_emb = prefill(ctx, prompts, prompt_lens, capacity=P + N + W + K)
-    key, k_start = jax.random.split(key)
+    keys, k_start = _split_rows(keys, 2)
     n_done = jnp.zeros((B,), jnp.int32)
     state = DecodeState(
         cache=cache,
         last_emb=last_emb,
         n_done=n_done,
-        window=force_structure(ctx, fresh_positions(ctx, k_start, (B, W - 1)), n_done),
+        window=force_structure(ctx, fresh_positions(ctx, k_start), n_done),
         out=jnp.zeros((B, N + W), jnp.int32),
         steps=jnp.zeros((B,), jnp.int32),
         accepted=jnp.zeros((B, N), jnp.int32),
         it=jnp.int32(0),
-        key=key,
+        keys=keys,
         trace_drafts=jnp.full((max(spec.trace, 1), B, W - 1), -1, jnp.int32),
         trace_done=jnp.full((max(spec.trace, 1), B), N, jnp.int32),
     )
 
     def iteration(s: DecodeState) -> DecodeState:
         active = s.n_done < N
-        key, k_accept, k_sample, k_residual, k_fresh = jax.random.split(s.key, 5)
+        keys, k_accept, k_sample, k_residual, k_fresh = _split_rows(s.keys, 5)
         p, cache = next_token_probs(ctx, s, window_inputs(ctx, s))
-        y = S.sample(k_sample, p)  # the model's own sample after every window position
+        y = S.sample_rows(k_sample, p)  # the model's own sample after every window position
         verdict = verify(ctx, s.window, p, y, k_accept, k_residual)
         count = jnp.where(active, jnp.minimum(verdict.num_commit, N - s.n_done), 0)  # the last pass may overshoot N
         new = commit(ctx, s, cache, verdict.tokens, count)
@@ -502,7 +524,7 @@ def decode(
             steps=s.steps + active.astype(jnp.int32),
             accepted=s.accepted.at[:, jnp.minimum(s.it, N - 1)].set(count),
             it=s.it + 1,
-            key=key,
+            keys=keys,
             trace_drafts=trace_drafts,
             trace_done=trace_done,
         )

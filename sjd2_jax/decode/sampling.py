@@ -71,6 +71,14 @@ def sample(key, probs: jax.Array) -> jax.Array:
     return jax.random.categorical(key, logp, axis=-1).astype(jnp.int32)
 
 
+def sample_rows(keys: jax.Array, probs: jax.Array) -> jax.Array:
+    """`sample` with one key per row: int32 [B, ...] from keys [B] and probs [B, ..., V].
+
+    Row b's tokens depend on keys[b] and probs[b] only, whatever the batch around it.
+    """
+    return jax.vmap(sample)(keys, probs)
+
+
 def residual(p: jax.Array, q: jax.Array) -> jax.Array:
     """normalize(max(p - q, 0)); falls back to p where p == q (nothing left over)."""
     r = jnp.maximum(p - q, 0.0)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from sjd2_jax.decode.engine import DecodeSpec, Sampling, decode
+from sjd2_jax.decode.engine import DecodeSpec, Sampling, decode, row_keys
 from sjd2_jax.model import transformer as M
 from sjd2_jax.model.config import ModelConfig
 from sjd2_jax.sjd2.schedule import NoiseConfig
@@ -56,7 +56,7 @@ def run(setup, method, window=6, knobs=None, seed=1, decode_fn=decode, **kw):
     params, prompts, lens, forced, allowed, B, N = setup
     spec = DecodeSpec(method=method, window=window, num_tokens=N, guidance=True, noise=NoiseConfig(num_levels=3), **kw)
     knobs = knobs or Sampling.make(B, temperature=0.0, cfg_scale=3.0)
-    return decode_fn(params, CFG, spec, prompts, lens, forced, allowed, knobs, jax.random.key(seed))
+    return decode_fn(params, CFG, spec, prompts, lens, forced, allowed, knobs, row_keys(seed, range(B)))
 
 
 def test_greedy_methods_agree_with_cfg_and_ragged_batch(greedy_setup):
@@ -176,7 +176,7 @@ def test_sampling_matches_exact_ar_distribution(dist_setup, method, kw):
         jnp.full((NTOK,), -1, jnp.int32),
         jnp.asarray(allowed),
         Sampling.make(n, temperature=1.0, cfg_scale=cfg_scale),
-        jax.random.key(11),
+        row_keys(11, np.arange(n)),
     )
     pval = chi2_pvalue(np.asarray(r.tokens), seqs, probs)
     assert pval > 1e-3, (method, pval)
