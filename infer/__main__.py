@@ -361,7 +361,6 @@ def run(args, log=print) -> list[dict]:
 
     import sjd2_jax
     from sjd2_jax import families
-    from sjd2_jax.codecs import load_codec
     from sjd2_jax.demo import mnist
     from sjd2_jax.io import checkpoint as ckpt
 
@@ -384,7 +383,6 @@ def run(args, log=print) -> list[dict]:
         families.image_plan(model, args.size)
     except ValueError as e:
         raise InferError(f"--size {args.size}: {e}" if args.size is not None else str(e)) from None
-    codec = load_codec(model_dir)
     methods = [args.method] + ([m for m in METHODS if m != args.method] if args.compare else [])
     B = min(args.batch_size, len(prompts))
     clock = _CompileClock()
@@ -419,9 +417,9 @@ def run(args, log=print) -> list[dict]:
                 dt = max(time.perf_counter() - t0 - compile_s, 0.0) / len(padded)
                 for k, prompt in enumerate(chunk):
                     i = start + k
-                    if codec is not None:
+                    if g.images is not None:  # the checkpoint has an image codec: generate decoded
                         name = f"{prefix}{i:03d}.png"
-                        img = g.images[k].astype(np.float32) / 255.0  # decoded by generate (same codec)
+                        img = g.images[k].astype(np.float32) / 255.0
                         to_png(img, tmp / name)
                         pixels.append(img)
                     else:
