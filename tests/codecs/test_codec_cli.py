@@ -51,7 +51,10 @@ def converted(tmp_path_factory):
     return root, out
 
 
-@pytest.mark.parametrize("family", ["chameleon", "emu3", "janus"])
+# Emu3 and Janus take ~15-20 s each on an idle 2-core CPU (sampling + decode): `pytest -m slow`.
+@pytest.mark.parametrize(
+    "family", ["chameleon", pytest.param("emu3", marks=pytest.mark.slow), pytest.param("janus", marks=pytest.mark.slow)]
+)
 def test_infer_writes_pngs_that_the_codec_reads_back(converted, family, tmp_path, capsys):
     from PIL import Image
 
