@@ -71,6 +71,7 @@ class Family(abc.ABC):
     default_size: ClassVar[int]  # default (square) image side in pixels
     sampling_defaults: ClassVar[Mapping[str, float]]  # temperature, top_k (0 off), top_p (1.0 off), cfg_scale
     accepts_negative_prompt: ClassVar[bool] = False  # whether its unconditional prompt takes text
+    preset_configs: ClassVar[Mapping[str, Mapping[str, Any]]] = {}  # preset name -> ModelConfig fields but family
     # Its image tokenizer is Chameleon's VQGAN, published as a separate file (`--vqgan vqgan.ckpt`).
     vqgan_file: ClassVar[bool] = False
 
@@ -154,7 +155,7 @@ class Family(abc.ABC):
 
     def presets(self) -> dict[str, ModelConfig]:
         """Published model configs by preset name (for `train --plan` without a checkpoint)."""
-        return {}
+        return {name: ModelConfig(family=self.name, **fields) for name, fields in self.preset_configs.items()}
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"

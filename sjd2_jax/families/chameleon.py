@@ -23,7 +23,6 @@ import numpy as np
 from sjd2_jax.families import layouts as L
 from sjd2_jax.families import llama
 from sjd2_jax.families.base import ConversionError, Family, Layout
-from sjd2_jax.model.config import ModelConfig
 
 # Lumina-mGPT's height/width tokens count 32-pixel units (`get_n_grids_token`) = 2 codes, so a
 # grid must have an even number of codes per side to be expressible.
@@ -75,6 +74,19 @@ class Chameleon(Family):
     # Lumina-mGPT: create_logits_processor defaults and the SJD/SJD2 settings (cfg 3, image
     # top-k 2000); the 768 README uses cfg 4.0.
     sampling_defaults = dict(temperature=1.0, top_k=2000, top_p=1.0, cfg_scale=3.0)
+    # Lumina-mGPT-7B-768 (Chameleon 7B; q/k-norm stored per model-parallel group)
+    preset_configs = {
+        "lumina-7b": dict(
+            vocab_size=65536,
+            hidden_size=4096,
+            num_layers=32,
+            num_heads=32,
+            num_kv_heads=32,
+            intermediate_size=11008,
+            qk_norm=True,
+            qk_norm_groups=1,
+        ),
+    }
     _keys = llama.LMKeys("model.", "lm_head.weight")
 
     # ------------------------------------------------------------------------- checkpoints
@@ -177,24 +189,6 @@ class Chameleon(Family):
         missing, unexpected = model.load_state_dict(state, strict=False)
         llama.check_reference_keys(missing, unexpected, optional=("model.vqmodel.",))
         return model
-
-    # ------------------------------------------------------------------------- planning
-
-    def presets(self):
-        return {
-            # Lumina-mGPT-7B-768 (Chameleon 7B; q/k-norm stored per model-parallel group)
-            "lumina-7b": ModelConfig(
-                family="chameleon",
-                vocab_size=65536,
-                hidden_size=4096,
-                num_layers=32,
-                num_heads=32,
-                num_kv_heads=32,
-                intermediate_size=11008,
-                qk_norm=True,
-                qk_norm_groups=1,
-            ),
-        }
 
 
 FAMILY = Chameleon()

@@ -21,7 +21,6 @@ from sjd2_jax.codecs import emu3_vq
 from sjd2_jax.families import layouts as L
 from sjd2_jax.families import llama
 from sjd2_jax.families.base import Family, Layout
-from sjd2_jax.model.config import ModelConfig
 
 # Token names (model_formats.md sections 4 and 7).
 EMU3 = dict(
@@ -89,6 +88,19 @@ class Emu3(Family):
     # Emu3-Gen image_generation.py: top-k 2048, CFG 3 on log-softmax.
     sampling_defaults = dict(temperature=1.0, top_k=2048, top_p=1.0, cfg_scale=3.0)
     accepts_negative_prompt = True
+    # Emu3-Gen 8B
+    preset_configs = {
+        "emu3-8b": dict(
+            vocab_size=184622,
+            hidden_size=4096,
+            num_layers=32,
+            num_heads=32,
+            num_kv_heads=8,
+            intermediate_size=14336,
+            rope_theta=1e6,
+            max_position_embeddings=9216,
+        ),
+    }
     _src = {
         "original": llama.LMKeys("model.", "lm_head.weight"),
         "hf": llama.LMKeys("text_model.model.", "text_model.lm_head.weight"),
@@ -218,24 +230,6 @@ class Emu3(Family):
     def reference_text_model(self, model):
         inner = model.model
         return getattr(inner, "text_model", inner)  # Emu3ForCausalLM holds the decoder directly
-
-    # ------------------------------------------------------------------------- planning
-
-    def presets(self):
-        return {
-            # Emu3-Gen 8B
-            "emu3-8b": ModelConfig(
-                family="emu3",
-                vocab_size=184622,
-                hidden_size=4096,
-                num_layers=32,
-                num_heads=32,
-                num_kv_heads=8,
-                intermediate_size=14336,
-                rope_theta=1e6,
-                max_position_embeddings=9216,
-            ),
-        }
 
 
 FAMILY = Emu3()
