@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sjd2_jax import families
 from sjd2_jax.training.data import KIND_IMAGE, KIND_PROMPT, KIND_STRUCTURE, DatasetWriter
 
 SEQ_LEN_MULTIPLE = 64
@@ -108,11 +109,9 @@ class _Encoder:
     """Turns parsed records into (tokens, kind) with one plan fixed by the first valid record."""
 
     def __init__(self, model):
-        from sjd2_jax import families as L
-
-        self.L, self.model = L, model
+        self.model = model
         self.family = model.config.family
-        self.ppc = L.pixels_per_code(model)
+        self.ppc = families.pixels_per_code(model)
         self.plan, self.plan_line, self.tail_kind = None, None, None
 
     def check(self, line: int, codes: np.ndarray) -> None:
@@ -120,7 +119,7 @@ class _Encoder:
         if self.plan is None:
             size = (h * self.ppc, w * self.ppc)
             try:
-                plan = self.L.image_plan(self.model, size)
+                plan = families.image_plan(self.model, size)
             except ValueError as e:
                 raise RecordError(
                     line, f"a {h}x{w} code grid ({size[0]}x{size[1]} px) is not a valid {self.family} image: {e}"
@@ -159,7 +158,7 @@ class _Encoder:
 
     def encode(self, captions: list[str], codes: list[np.ndarray]):
         """[(tokens int32, kind uint8)] for checked records."""
-        cond, uncond = self.L.prompt_ids(self.model, [c if c is not None else "" for c in captions], self.plan)
+        cond, uncond = families.prompt_ids(self.model, [c if c is not None else "" for c in captions], self.plan)
         tails = self.plan.codes_to_tokens(np.stack(codes), include_prefix=True)
         out = []
         for ids_c, ids_u, caption, tail in zip(cond, uncond, captions, tails, strict=True):
@@ -184,7 +183,6 @@ def prepare(
     [(line, message)]. Raises RecordError (reject), ValueError, FileExistsError, FileNotFoundError."""
     from tqdm import tqdm
 
-    from sjd2_jax import families as L
     from sjd2_jax.io import checkpoint as ckpt
 
     jsonl, out = Path(jsonl), Path(out_dir)
@@ -199,7 +197,7 @@ def prepare(
     if not jsonl.is_file():
         raise FileNotFoundError(f"input {jsonl} is not a file")
     model = load_model_meta(model_dir)
-    L.tokenizer_of(model, required=True)  # captions are text: fail once here, not per record
+    families.tokenizer_of(model, required=True)  # captions are text: fail once here, not per record
     context = int(model.config.max_position_embeddings)  # a longer record could never be trained on
     if seq_len is not None and seq_len > context:
         raise ValueError(

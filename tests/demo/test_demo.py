@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import sjd2_jax
-from sjd2_jax import families as L
+from sjd2_jax import families
 from sjd2_jax.codecs import load_codec
 from sjd2_jax.demo import mnist
 from sjd2_jax.demo.patch_codec import PatchCodec, fit_patch_codec
@@ -94,7 +94,7 @@ def test_fit_patch_codec_recovers_planted_patches(tmp_path):
 
 
 def test_text_tokenizer_is_real_and_round_trips(demo):
-    tok = L.tokenizer_of(demo, required=True)
+    tok = families.tokenizer_of(demo, required=True)
     for text in ["a handwritten 7", "the digit seven", "Ein völlig neuer Satz: 42!"]:
         ids = tok.encode(text, add_special_tokens=False).ids
         assert tok.decode(ids) == text
@@ -105,7 +105,7 @@ def test_text_tokenizer_is_real_and_round_trips(demo):
 
 
 def test_shipped_checkpoint_layout(demo):
-    plan = L.image_plan(demo)
+    plan = families.image_plan(demo)
     assert (plan.height, plan.width, plan.pixel_size) == (14, 14, (28, 28))
     assert plan.num_generated == 14 * 15 + 2 and len(plan.prefix) == 3
     gen = ckpt.generation_defaults(demo.path)

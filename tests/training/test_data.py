@@ -71,7 +71,7 @@ def _run_main(argv, capsys):
 
 @pytest.mark.torch
 def test_prepare_lumina(lumina_ckpt, tmp_path, capsys):
-    from sjd2_jax import families as L
+    from sjd2_jax import families
 
     records = [_record(c, k) for k, c in enumerate(CAPTIONS)]
     src = _write_jsonl(tmp_path / "in.jsonl", records[:4] + [""] + records[4:])  # blank line 5 is ignored
@@ -89,7 +89,7 @@ def test_prepare_lumina(lumina_ckpt, tmp_path, capsys):
     assert index["skipped_lines"] == []
 
     model = P.load_model_meta(lumina_ckpt)
-    plan = L.image_plan(model, 64)
+    plan = families.image_plan(model, 64)
     assert index["plan"] == {
         "height": 4,
         "width": 4,
@@ -100,7 +100,7 @@ def test_prepare_lumina(lumina_ckpt, tmp_path, capsys):
     }
     ds = D.Dataset(out)
     assert len(ds) == 10 and ds.family == "chameleon"
-    cond, _ = L.prompt_ids(model, CAPTIONS, plan)
+    cond, _ = families.prompt_ids(model, CAPTIONS, plan)
     longest = max(len(c) for c in cond) + plan.total_tokens
     assert index["longest_record"] == longest
     assert ds.seq_len % 64 == 0 and ds.seq_len - 64 < longest <= ds.seq_len
@@ -130,14 +130,14 @@ def test_prepare_lumina(lumina_ckpt, tmp_path, capsys):
 @pytest.mark.torch
 def test_prepare_null_caption_is_unconditional(lumina_ckpt, tmp_path, capsys):
     """A null caption gets the family's unconditional prompt (Lumina-mGPT: nothing before the image prefix)."""
-    from sjd2_jax import families as L
+    from sjd2_jax import families
 
     records = [_record("a cat", 0), _record(None, 1)]
     out = tmp_path / "data"
     rc, _, err = _run_main([_write_jsonl(tmp_path / "in.jsonl", records), out, "--model", lumina_ckpt], capsys)
     assert rc == 0, err
     model = P.load_model_meta(lumina_ckpt)
-    plan = L.image_plan(model, 64)
+    plan = families.image_plan(model, 64)
     ds = D.Dataset(out)
     cond = ds[0]["tokens"].tolist()
     uncond = ds[1]["tokens"].tolist()
@@ -231,9 +231,9 @@ def test_prepare_skip_counts_and_lists_lines(lumina_ckpt, tmp_path, capsys):
     assert index["skipped_lines"] == bad_lines and index["num_records"] == len(kept) and index["seq_len"] == 160
 
     # The kept records are the good ones, in input order.
-    from sjd2_jax import families as L
+    from sjd2_jax import families
 
-    plan = L.image_plan(P.load_model_meta(lumina_ckpt), 64)
+    plan = families.image_plan(P.load_model_meta(lumina_ckpt), 64)
     ds = D.Dataset(out)
     for row, k in enumerate(kept):
         r = ds[row]
@@ -326,7 +326,7 @@ def _meta_checkpoint(folder, family, context=4096):
 
 @pytest.mark.parametrize("family,grid,n_codes", [("emu3", (3, 5), 32), ("janus", (4, 4), 16)])
 def test_prepare_emu3_janus(tmp_path, capsys, family, grid, n_codes):
-    from sjd2_jax import families as L
+    from sjd2_jax import families
 
     ckpt = _meta_checkpoint(tmp_path / "ckpt", family)
     rng = np.random.default_rng(0)
@@ -343,11 +343,11 @@ def test_prepare_emu3_janus(tmp_path, capsys, family, grid, n_codes):
         assert "skipped line 1: a 2x2 code grid (32x32 px) is not a valid janus image" in err
     ds = D.Dataset(tmp_path / "d")
     model = P.load_model_meta(ckpt)
-    ppc = L.get_family(family).pixels_per_code
-    plan = L.image_plan(model, (grid[0] * ppc, grid[1] * ppc))
+    ppc = families.get_family(family).pixels_per_code
+    plan = families.image_plan(model, (grid[0] * ppc, grid[1] * ppc))
     assert ds.index["head"] == plan.head == ("gen" if family == "janus" else "lm")
     rows = recs if family == "janus" else [recs[0], *recs]
-    cond, _ = L.prompt_ids(model, [r["caption"] for r in rows], plan)
+    cond, _ = families.prompt_ids(model, [r["caption"] for r in rows], plan)
     assert len(ds) == len(rows)
     for k, rec in enumerate(rows):
         r = ds[k]
