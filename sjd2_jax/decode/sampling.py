@@ -7,6 +7,8 @@ structure tokens, temperature, top-k, top-p, softmax.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -26,22 +28,49 @@ def guide(cond: jax.Array, uncond: jax.Array, scale: jax.Array, mode: str) -> ja
     return uncond + s * (cond - uncond)
 
 
-def _top_k_top_p(lg, top_k, top_p):
-    """Mask logits [B, W, V] outside each row's top-k, then outside its top-p nucleus."""
+# Static candidate counts for top-k: a row's k is served by the smallest bucket >= the largest
+# k in the batch, via `lax.top_k` (a partial selection, no full-vocabulary sort); larger k falls
+# back to a full sort. All branches compile once, so changing k never recompiles.
+TOP_K_BUCKETS = (32, 128, 512, 2048, 8192)
+
+
+def _mask_top_k(lg, top_k, candidates: int):
+    """Mask logits [B, W, V] below each row's k-th largest value (rows with k = 0 untouched).
+
+    `candidates` (static) >= every row's k: the k-th largest value is read from the
+    `candidates` largest, which equal the head of a full descending sort, so the result
+    is exactly that of sorting (ties at the threshold are all kept).
+    """
     V = lg.shape[-1]
+    if candidates >= V:
+        top = -jnp.sort(-lg, axis=-1)
+    else:
+        top = jax.lax.top_k(lg, candidates)[0]  # descending
+    k = jnp.clip(top_k, 1, top.shape[-1])[:, None, None]
+    kth = jnp.take_along_axis(top, jnp.broadcast_to(k - 1, top.shape[:-1] + (1,)), axis=-1)
+    return jnp.where((top_k > 0)[:, None, None] & (lg < kth), NEG, lg)
+
+
+def _top_k(lg, top_k):
+    """Per-row top-k with the smallest static candidate count that covers every row's k."""
+    V = lg.shape[-1]
+    buckets = [b for b in TOP_K_BUCKETS if b < V] + [V]
+    branches = [functools.partial(_mask_top_k, candidates=b) for b in buckets]
+    largest = jnp.max(top_k)
+    index = jnp.sum(largest > jnp.asarray(buckets[:-1], jnp.int32)) if len(buckets) > 1 else 0
+    return jax.lax.switch(index, branches, lg, top_k)
+
+
+def _top_p(lg, top_p):
+    """Mask logits [B, W, V] outside each row's top-p nucleus: the smallest prefix of the
+    descending distribution with mass >= p (a full sort; runs only if some row asks)."""
     col = lambda a: a[:, None, None]
-    srt = -jnp.sort(-lg, axis=-1)  # descending
-    k = jnp.clip(top_k, 1, V)
-    kth = jnp.take_along_axis(srt, jnp.broadcast_to(col(k - 1), srt.shape[:-1] + (1,)), axis=-1)
-    lg = jnp.where(col(top_k > 0) & (lg < kth), NEG, lg)
-    # top-p over the (top-k restricted) sorted distribution: keep the smallest prefix with mass >= p.
-    srt = jnp.where(col(top_k > 0) & (srt < kth), NEG, srt)
+    srt = -jnp.sort(-lg, axis=-1)
     ps = jax.nn.softmax(srt, axis=-1)
     before = jnp.cumsum(ps, axis=-1) - ps  # mass strictly above each sorted entry
     keep = before < col(top_p)
     cut = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)
-    lg = jnp.where(col(top_p < 1.0) & (lg < cut), NEG, lg)
-    return lg
+    return jnp.where(col(top_p < 1.0) & (lg < cut), NEG, lg)
 
 
 def process(logits, allowed, forced, temperature, top_k, top_p) -> jax.Array:
@@ -56,8 +85,9 @@ def process(logits, allowed, forced, temperature, top_k, top_p) -> jax.Array:
     lg = jnp.where(allowed[None, None, :], logits.astype(jnp.float32), NEG)
     greedy = col(temperature <= 0)
     lg = lg / jnp.where(greedy, 1.0, col(temperature))
-    # The sort is the costliest part of a decode step: skip it when no row filters.
-    lg = jax.lax.cond(jnp.any(top_k > 0) | jnp.any(top_p < 1.0), _top_k_top_p, lambda x, *_: x, lg, top_k, top_p)
+    # Filtering is the costliest part of logits processing: each filter runs only if some row asks.
+    lg = jax.lax.cond(jnp.any(top_k > 0), _top_k, lambda x, _: x, lg, top_k)
+    lg = jax.lax.cond(jnp.any(top_p < 1.0), _top_p, lambda x, _: x, lg, top_p)
     probs = jax.nn.softmax(lg, axis=-1)
     argmax = jax.nn.one_hot(jnp.argmax(lg, -1), V, dtype=jnp.float32)
     probs = jnp.where(greedy, argmax, probs)

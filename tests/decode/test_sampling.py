@@ -57,3 +57,37 @@ def test_process_matches_reference(top_k, top_p):
             assert (support[b] <= top_k[b]).all()
         if top_k[b] == 0 and top_p[b] == 1.0:
             assert (support[b] == allowed.sum()).all()
+
+
+@pytest.mark.parametrize(
+    "top_k,top_p",
+    [
+        ([3, 0, 20, 7], [1.0, 1.0, 1.0, 1.0]),  # every k within the smallest candidate bucket
+        ([100, 0, 2, 31], [1.0, 1.0, 1.0, 1.0]),  # the largest k picks the next bucket
+        ([250, 0, 1, 40], [1.0, 0.9, 1.0, 1.0]),  # past the buckets: the full-sort fallback
+        ([40, 0, 0, 5], [0.7, 1.0, 0.5, 1.0]),  # top-k then top-p, and top-p alone
+        ([0, 0, 0, 0], [1.0, 1.0, 0.95, 1.0]),  # top-p only
+    ],
+)
+def test_top_k_buckets_and_top_p_match_reference_at_temperature_0_7(top_k, top_p):
+    """Processed probabilities equal the sort-based NumPy reference whichever top-k branch runs."""
+    rng = np.random.default_rng(len(str(top_k)) + sum(top_k))
+    B, W, V = 4, 3, 300
+    logits = rng.normal(0, 3.0, (B, W, V)).astype(np.float32)
+    logits[0, 0, 10:14] = logits[0, 0, 10]  # ties, some at a threshold
+    allowed = rng.uniform(size=V) < 0.9
+    temperature = np.full(B, 0.7, np.float32)
+    got = S.process(
+        jnp.asarray(logits),
+        jnp.asarray(allowed),
+        jnp.full((B, W), -1, jnp.int32),
+        jnp.asarray(temperature),
+        jnp.asarray(top_k, jnp.int32),
+        jnp.asarray(top_p, jnp.float32),
+    )
+    want = _reference(logits, allowed, temperature, np.array(top_k), np.array(top_p))
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-6)
+    support = (np.asarray(got) > 0).sum(-1)
+    for b in range(B):
+        if top_k[b] and top_p[b] == 1.0:
+            assert (support[b] >= min(top_k[b], allowed.sum())).all()  # ties only add
