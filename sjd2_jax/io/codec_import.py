@@ -220,7 +220,7 @@ def check_vqgan_yaml(path, tensors: Mapping[str, np.ndarray]) -> None:
     """Compare vqgan.yaml's model.params with the tensors (embed_dim, n_embed, z_channels, ch)."""
     try:
         import yaml
-    except ImportError:  # pragma: no cover - PyYAML comes with transformers
+    except ImportError:  # pragma: no cover - a declared dependency
         raise CodecError(f"reading {path} needs PyYAML (pip install pyyaml)") from None
     try:
         cfg = yaml.safe_load(Path(path).read_text())
