@@ -11,6 +11,8 @@ Build DATA_DIR with `python -m train.prepare`.
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 
 
@@ -98,20 +100,49 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--plan",
         action="store_true",
-        help="compile the step for the mesh and print per-device memory; "
-        "allocates nothing (use fake devices: XLA_FLAGS=--xla_force_host_platform_device_count=N)",
+        help="compile the step for the mesh and print per-device parameter, optimizer-state and temporary "
+        "memory; allocates nothing (fake CPU devices stand in for the pod; set here unless XLA_FLAGS names a count)",
     )
     p.add_argument(
         "--preset",
         default=None,
-        help="--plan for a published config instead of --model (a family preset: lumina-7b, emu3-8b)",
+        help="--plan for a published config instead of --model (a family preset: lumina-7b, emu3-8b, janus-pro-7b)",
     )
-    p.add_argument("--seq-len", type=int, default=2560, help="--plan: training sequence length")
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="--plan: training sequence length (default: the preset's published one, lumina-7b 2560, "
+        "emu3-8b 8704, janus-pro-7b 640; else 2560)",
+    )
+    p.add_argument("--json", action="store_true", help="--plan: print JSON (bytes per device) instead of text")
+    p.add_argument(
+        "--chip-memory",
+        type=float,
+        default=None,
+        help="--plan: GiB per device (e.g. 16, 32, 80, 95); without --mesh, search the fewest devices "
+        "(fsdp) that fit --batch-size, choosing --grad-accum",
+    )
+    p.add_argument("--max-devices", type=int, default=64, help="--plan --chip-memory: largest mesh to try")
     return p
+
+
+def _fake_devices_for_plan(args) -> None:
+    """--plan compiles for the mesh on fake CPU devices: ask XLA for enough before jax starts."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" in flags:
+        return
+    need = args.max_devices if args.chip_memory is not None and not args.mesh else 8
+    if args.mesh:
+        sizes = [part.partition("=")[2].strip() for part in args.mesh.split(",")]
+        need = math.prod(int(v) for v in sizes if v.isdigit())
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={max(1, need)}".strip()
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    if args.plan:
+        _fake_devices_for_plan(args)
     from sjd2_jax.io.checkpoint import CheckpointError
     from sjd2_jax.training.data import DataError
     from sjd2_jax.training.step import TrainConfig, TrainError
@@ -140,7 +171,18 @@ def main(argv=None) -> int:
         if args.plan:
             from sjd2_jax.training.plan import plan
 
-            print(plan(args.model, args.preset, tc, args.mesh, args.seq_len))
+            print(
+                plan(
+                    args.model,
+                    args.preset,
+                    tc,
+                    args.mesh,
+                    args.seq_len,
+                    chip_gib=args.chip_memory,
+                    max_devices=args.max_devices,
+                    as_json=args.json,
+                )
+            )
             return 0
         missing = [f"--{n}" for n in ("model", "data", "out") if getattr(args, n) is None]
         if missing:

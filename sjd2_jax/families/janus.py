@@ -66,6 +66,21 @@ class Janus(Family):
     name = "janus"
     display_name = "Janus-Pro"
     model_types = ("janus", "multi_modality")
+    preset_configs = {
+        # deepseek-ai/Janus-Pro-7B: Llama 7B language model + VQ-16 generation path (16384 codes, 8-dim)
+        "janus-pro-7b": dict(
+            vocab_size=102400,
+            hidden_size=4096,
+            num_layers=30,
+            num_heads=32,
+            num_kv_heads=32,
+            intermediate_size=11008,
+            rms_norm_eps=1e-6,
+            max_position_embeddings=16384,
+            image_vocab_size=16384,
+            image_embed_dim=8,
+        ),
+    }
     layouts = {
         "original": Layout(
             "janus",

@@ -252,6 +252,7 @@ def forward(
     remat: bool | str = False,
     mask_spec: MaskSpec | None = None,
     attention_cfg: AttentionConfig | None = None,
+    scan_layers: bool = False,
 ) -> tuple[jax.Array, KVCache | None]:
     """Run the decoder on input embeddings.
 
@@ -266,6 +267,9 @@ def forward(
     mask_spec (no cache; instead of mask): the per-position description [B, T] of the
     mask (sjd2/masks.py), attended by `attention_cfg`'s backend (default chunked) so no
     [T, T] array need exist (model/attention.py).
+    scan_layers (no cache): run the layers as one lax.scan over their stacked weights, so the
+    compiler handles one layer at a time (with fsdp, one layer's gathered weights and full
+    gradients live at once instead of every layer's) and compiles it once.
     Returns the final-normed hidden states [B, T, D] and the updated cache.
     """
     B, T, _ = inputs_embeds.shape
@@ -279,6 +283,18 @@ def forward(
         visible = cache_visibility(mask, sc, cache.lengths, cache.capacity)
     # Layer i's keys/values go into slice i of the stacked cache in place (no re-stacking copy).
     kv = {"k": cache.k, "v": cache.v} if cache is not None else None
+    policy = _REMAT_POLICIES[remat if isinstance(remat, str) else ("full" if remat else "none")]
+    if scan_layers and cache is None:
+        scan_visible: Any = mask
+        if mask_spec is not None:
+            acfg = attention_cfg or AttentionConfig()
+            scan_visible = lambda q_, k_, v_: masked_attention(q_, k_, v_, mask_spec, config=acfg)
+        body = lambda x_, p_: (_layer(cfg, p_, x_, positions, lambda k, v: (k, v, scan_visible)), None)
+        if policy is not False:
+            body = jax.checkpoint(body, policy=policy)
+        stacked = jax.tree.map(lambda *ws: jnp.stack(ws), *params["layers"])
+        x, _ = jax.lax.scan(body, x, stacked)
+        return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), None
     for i, p in enumerate(params["layers"]):
         with jax.named_scope(f"layer_{i}"):
             if mask_spec is not None:
@@ -301,7 +317,6 @@ def forward(
                     kv["v"] = kv["v"].at[i].set(cv)
                     return ck, cv, visible
 
-            policy = _REMAT_POLICIES[remat if isinstance(remat, str) else ("full" if remat else "none")]
             if policy is not False and cache is None:
                 # Training: keep only layer inputs (and with "dots" the projections) for the backward pass.
                 layer = lambda p_, x_, pos_: _layer(cfg, p_, x_, pos_, kv_fn)

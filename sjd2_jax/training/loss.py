@@ -113,6 +113,7 @@ def sjd2_loss(
     attention: AttentionConfig | None = None,
     loss_chunk: int | None = None,
     denominator: jax.Array | None = None,
+    row_sharding: jax.sharding.Sharding | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Forward the model on a batched TrainingExample and take the next-token loss.
 
@@ -121,10 +122,22 @@ def sjd2_loss(
     respect to params (or the batch inputs) with jax.grad(..., has_aux=True).
     denominator: divide the summed cross-entropy by this instead of this batch's own
     loss-token count (gradient accumulation divides every micro-batch by the global count).
+    row_sharding: how [B, ...] arrays are split over devices (the step's batch sharding); pinning
+    the activations to it keeps the compiler from splitting them over the hidden dimension
+    instead (as the fsdp-sharded embedding table would suggest) and gathering whole batches.
     """
+    pin = (lambda x: jax.lax.with_sharding_constraint(x, row_sharding)) if row_sharding is not None else (lambda x: x)
     hidden, _ = M.forward(
-        params, cfg, batch.inputs, batch.positions, mask_spec=batch.spec, remat=remat, attention_cfg=attention
+        params,
+        cfg,
+        pin(batch.inputs),
+        batch.positions,
+        mask_spec=batch.spec,
+        remat=remat,
+        attention_cfg=attention,
+        scan_layers=True,
     )
+    hidden = pin(hidden)
     head = output_head(params, cfg)
     if loss_chunk:
         ce = chunked_cross_entropy(hidden, head, batch.targets, loss_chunk)
@@ -171,6 +184,7 @@ def training_loss(
     attention: AttentionConfig | None = None,
     loss_chunk: int | None = None,
     denominator: jax.Array | None = None,
+    row_sharding: jax.sharding.Sharding | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Build the noised batch from params["embed"] (Janus-Pro: image codes through the generation
     embedding and aligner, loss through the generation head) and take `sjd2_loss`, in one
@@ -180,4 +194,4 @@ def training_loss(
     """
     embeds = clean_inputs(params, cfg, ids, image_mask)
     batch = build_training_batch(key, ids, image_mask, params["embed"], stats, noise_cfg, batch_cfg, noisable, embeds)
-    return sjd2_loss(params, cfg, batch, noise_cfg.num_levels, remat, attention, loss_chunk, denominator)
+    return sjd2_loss(params, cfg, batch, noise_cfg.num_levels, remat, attention, loss_chunk, denominator, row_sharding)

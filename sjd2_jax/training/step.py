@@ -107,7 +107,7 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
     ), schedule
 
 
-def loss_fn(params, cfg: ModelConfig, tc: TrainConfig, stats, batch, key, denominator=None):
+def loss_fn(params, cfg: ModelConfig, tc: TrainConfig, stats, batch, key, denominator=None, mesh=None):
     """key: one key, or per-row keys [B] (what accumulation uses to reproduce the full batch)."""
     compute = jax.tree.map(lambda x: x.astype(tc.compute_dtype), params)
     return training_loss(
@@ -124,6 +124,7 @@ def loss_fn(params, cfg: ModelConfig, tc: TrainConfig, stats, batch, key, denomi
         attention=tc.attention_cfg,
         loss_chunk=tc.loss_chunk or None,
         denominator=denominator,
+        row_sharding=None if mesh is None else SH.batch_sharding(mesh, 1),
     )
 
 
@@ -143,7 +144,7 @@ def accumulated_grads(params, cfg: ModelConfig, tc: TrainConfig, stats, batch, k
     n = tc.grad_accum
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if n == 1:
-        (_, metrics), grads = grad_fn(params, cfg, tc, stats, batch, key)
+        (_, metrics), grads = grad_fn(params, cfg, tc, stats, batch, key, None, mesh)
         return grads, metrics
     rows = jax.random.split(key, batch["tokens"].shape[0])  # the full batch's per-row keys
     # Loss positions = image targets (batch.py): known before any forward pass.
@@ -156,7 +157,7 @@ def accumulated_grads(params, cfg: ModelConfig, tc: TrainConfig, stats, batch, k
     def one(carry, x):
         grads, sums = carry
         mb, keys = x
-        (_, m), g = grad_fn(params, cfg, tc, stats, mb, keys, denominator)
+        (_, m), g = grad_fn(params, cfg, tc, stats, mb, keys, denominator, mesh)
         grads = jax.tree.map(jnp.add, grads, g)
         if param_sh is not None:
             grads = jax.lax.with_sharding_constraint(grads, param_sh)
