@@ -65,6 +65,10 @@ class DecodeSpec:
     exact: bool = True  # SJD2 exact (lossless) verification; False = paper mode
     noise: NoiseConfig = NoiseConfig()  # noqa: RUF009 (frozen, hashable: a shared default is safe)
     trace: int = 0  # record the window drafts of the first `trace` iterations (trajectory plots)
+    # SJD2: the timestep tokens' keys/values depend only on their level (they attend to themselves
+    # at one fixed position), so compute them once at prefill into the cache's last K slots and
+    # feed only the W window inputs per pass. False: feed them with every pass (the reference).
+    cache_timesteps: bool = True
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -159,10 +163,13 @@ class Context:
 
 
 class WindowInputs(NamedTuple):
-    embeds: jax.Array  # [R, W + K, D]
-    positions: jax.Array  # int [R, W + K]
-    mask: jax.Array  # bool [R, W + K, W + K] among the new tokens
-    sees_cache: jax.Array  # bool [R, W + K]
+    """The pass's inputs: T = W (timestep tokens cached) or W + K (fed with the window)."""
+
+    embeds: jax.Array  # [R, T, D]
+    positions: jax.Array  # int [R, T]
+    mask: jax.Array  # bool [R, T, T] among the new tokens
+    sees_cache: jax.Array  # bool [R, T]
+    cache_visible: jax.Array | None  # bool [R, T, capacity]: the cached timestep slot of each noisy position
 
 
 class Verdict(NamedTuple):
@@ -237,7 +244,27 @@ def prefill(ctx: Context, prompts: jax.Array, prompt_lens: jax.Array, capacity: 
     _, filled = M.forward(ctx.params, ctx.cfg, M.embed(ctx.params, ctx.cfg, prompts), positions, cache=cache)
     assert filled is not None
     last = _at(prompts, prompt_lens - 1)
-    return filled.advance(prompt_lens - 1), M.embed(ctx.params, ctx.cfg, last)
+    filled = filled.advance(prompt_lens - 1)
+    if ctx.spec.levels and ctx.spec.cache_timesteps:
+        filled = cache_timestep_tokens(ctx, filled)
+    return filled, M.embed(ctx.params, ctx.cfg, last)
+
+
+def cache_timestep_tokens(ctx: Context, cache: KVCache) -> KVCache:
+    """Write the K timestep tokens' keys/values into every row's last K cache slots.
+
+    A timestep token attends only to itself at TIMESTEP_POSITION, so its keys/values are
+    the same in every pass and row: one forward pass over the K tokens gives them.
+    The window never reaches these slots (capacity = P + N + W + K).
+    """
+    K, S = ctx.spec.levels, cache.capacity
+    scratch = KVCache.create(ctx.cfg, 1, K, dtype=cache.k.dtype)
+    embeds = ctx.timestep_emb[None].astype(ctx.cfg.jnp_dtype)
+    positions = window_positions(jnp.zeros((1,), jnp.int32), 0, K)
+    _, own = M.forward(ctx.params, ctx.cfg, embeds, positions, mask=jnp.eye(K, dtype=bool)[None], cache=scratch)
+    assert own is not None
+    put = lambda buf, new: buf.at[:, :, :, S - K :].set(jnp.broadcast_to(new, buf[:, :, :, S - K :].shape))
+    return dataclasses.replace(cache, k=put(cache.k, own.k), v=put(cache.v, own.v))
 
 
 def fresh_positions(ctx: Context, keys: jax.Array) -> Window:
@@ -298,6 +325,20 @@ def window_inputs(ctx: Context, s: DecodeState) -> WindowInputs:
     w = s.window
     clean = jnp.take(ctx.table, w.drafts, axis=0).astype(jnp.float32)
     real = jnp.where((w.level > 0)[..., None], unstandardize(w.z, ctx.stats), clean)
+    if K and ctx.spec.cache_timesteps:  # the timestep tokens sit in the cache's last K slots
+        level = jnp.concatenate([jnp.zeros((B, 1), jnp.int32), w.level], 1)
+        mask, sees_cache = window_masks(level, 0)
+        S_ = s.cache.capacity
+        own_slot = S_ - K + level - 1  # level l's timestep token is slot S - K + l - 1
+        visible = (level > 0)[..., None] & (jnp.arange(S_)[None, None] == own_slot[..., None])
+        embeds = jnp.concatenate([s.last_emb[:, None].astype(jnp.float32), _both_branches(ctx.spec, real)], 1)
+        return WindowInputs(
+            embeds=embeds.astype(ctx.cfg.jnp_dtype),
+            positions=window_positions(s.cache.lengths, W, 0),
+            mask=_both_branches(ctx.spec, mask),
+            sees_cache=_both_branches(ctx.spec, sees_cache),
+            cache_visible=_both_branches(ctx.spec, visible),
+        )
     timestep = jnp.broadcast_to(ctx.timestep_emb, (B, K, D))
     mask, sees_cache = window_masks(jnp.concatenate([jnp.zeros((B, 1), jnp.int32), w.level], 1), K)
     tail = _both_branches(ctx.spec, jnp.concatenate([real, timestep], 1))
@@ -307,6 +348,7 @@ def window_inputs(ctx: Context, s: DecodeState) -> WindowInputs:
         positions=window_positions(s.cache.lengths, W, K),
         mask=_both_branches(ctx.spec, mask),
         sees_cache=_both_branches(ctx.spec, sees_cache),
+        cache_visible=None,
     )
 
 
@@ -320,7 +362,7 @@ def next_token_probs(ctx: Context, s: DecodeState, inputs: WindowInputs) -> tupl
     spec, B, W = ctx.spec, ctx.batch, ctx.spec.window
     hidden, cache = M.forward(
         ctx.params, ctx.cfg, inputs.embeds, inputs.positions,
-        mask=inputs.mask, cache=s.cache, sees_cache=inputs.sees_cache,
+        mask=inputs.mask, cache=s.cache, sees_cache=inputs.sees_cache, cache_visible=inputs.cache_visible,
     )  # fmt: skip
     assert cache is not None
     logits = _head(ctx.params, ctx.cfg, spec.head, hidden[:, :W])

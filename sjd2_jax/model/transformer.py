@@ -249,6 +249,7 @@ def forward(
     mask: jax.Array | None = None,
     cache: KVCache | None = None,
     sees_cache: jax.Array | None = None,
+    cache_visible: jax.Array | None = None,
     remat: bool | str = False,
     mask_spec: MaskSpec | None = None,
     attention_cfg: AttentionConfig | None = None,
@@ -261,6 +262,8 @@ def forward(
     new token s (default causal). With a cache, the new keys/values are written at
     slots lengths[b] + [0, T) and queries also see the committed prefix where
     sees_cache [B, T] (default all True). lengths are not advanced (see cache.py).
+    cache_visible (with a cache): bool [B, T, capacity], further slots each query sees
+    (SJD2's timestep tokens, written once into reserved slots past the window).
     remat (training, no cache): "full" / True recomputes each layer's activations in the
     backward pass, "dots" keeps the projection matmul outputs and recomputes the rest,
     "none" / False keeps everything.
@@ -281,6 +284,8 @@ def forward(
     if cache is not None and mask is not None:  # (mask_spec never comes with a cache)
         sc = jnp.ones((B, T), bool) if sees_cache is None else sees_cache
         visible = cache_visibility(mask, sc, cache.lengths, cache.capacity)
+        if cache_visible is not None:
+            visible = visible | cache_visible
     # Layer i's keys/values go into slice i of the stacked cache in place (no re-stacking copy).
     kv = {"k": cache.k, "v": cache.v} if cache is not None else None
     policy = _REMAT_POLICIES[remat if isinstance(remat, str) else ("full" if remat else "none")]

@@ -189,3 +189,20 @@ def test_sampling_matches_exact_ar_distribution(dist_setup, method, kw):
     # (Exact SJD2 passes a position only once it is clean, which takes K passes, so with N = 3
     # it commits one token per pass; multi-token commits are tested on the demo model, where
     # SJD2 needs far fewer passes than AR.)
+
+
+# ----------------------------------------------------------------------------- cached timestep tokens
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_cached_timestep_tokens_give_the_same_tokens_as_feeding_them(greedy_setup, exact):
+    """SJD2 with the timestep tokens' K/V computed once at prefill (the default) against feeding
+    them with every pass: identical tokens and pass counts, greedy and seeded sampling."""
+    B = greedy_setup[-2]
+    sampled = Sampling.make(B, temperature=1.0, top_k=20, cfg_scale=2.5)
+    for knobs, seed in ((None, 1), (sampled, 3), (sampled, 4)):
+        cached = run(greedy_setup, "sjd2", knobs=knobs, seed=seed, exact=exact)
+        fed = run(greedy_setup, "sjd2", knobs=knobs, seed=seed, exact=exact, cache_timesteps=False)
+        np.testing.assert_array_equal(np.asarray(cached.tokens), np.asarray(fed.tokens))
+        np.testing.assert_array_equal(np.asarray(cached.steps), np.asarray(fed.steps))
+        np.testing.assert_array_equal(np.asarray(cached.accepted), np.asarray(fed.accepted))
