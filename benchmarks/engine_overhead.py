@@ -179,7 +179,7 @@ def demo_rows(batches, repeat) -> list[dict]:
     ]
 
 
-def family_rows(batches, repeat) -> list[dict]:
+def family_rows(batches, repeat, top_k: int = 2000) -> list[dict]:
     from sjd2_jax.model.config import ModelConfig
 
     cfg = ModelConfig(
@@ -194,10 +194,11 @@ def family_rows(batches, repeat) -> list[dict]:
         max_position_embeddings=1024,
     )
     params = M.init_params(cfg, jax.random.key(0), std=0.02)
-    sampling = dict(temperature=1.0, top_k=2000, top_p=1.0, cfg_scale=3.0)  # Lumina-mGPT's published settings
+    sampling = dict(temperature=1.0, top_k=top_k, top_p=1.0, cfg_scale=3.0)  # Lumina-mGPT's published settings
+    name = f"Lumina family defaults (top-k {top_k}, CFG 3)" if top_k else "Lumina family model, top-k off (CFG 3)"
     return [
         measure(
-            "Lumina family defaults (top-k 2000, CFG 3)",
+            name,
             params,
             cfg,
             batch=b,
@@ -220,12 +221,23 @@ def main(argv=None) -> int:
     )
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        choices=["demo", "family", "family-no-topk"],
+        default=["demo", "family", "family-no-topk"],
+        help="family-no-topk: the family model with top-k off, which isolates the cost of top-k",
+    )
     p.add_argument("--json", type=Path, default=RESULTS / "engine_overhead.json")
     args = p.parse_args(argv)
     if args.repeat < 1 or any(b < 1 for b in args.batches):
         p.error("--repeat and --batches must be >= 1")
     t0 = time.time()
-    rows = demo_rows(args.batches, args.repeat) + family_rows(args.batches, args.repeat)
+    rows = demo_rows(args.batches, args.repeat) if "demo" in args.configs else []
+    if "family" in args.configs:
+        rows += family_rows(args.batches, args.repeat)
+    if "family-no-topk" in args.configs:
+        rows += family_rows(args.batches, args.repeat, top_k=0)
     report = {"rows": rows, "backend": jax.default_backend(), "seconds": time.time() - t0}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
