@@ -10,7 +10,8 @@ What a family answers:
                 telltale_keys (tensor names only it has), vqgan_file
   checkpoints   detect, config, entries, aside_to_hf, export_config (import and export)
   images        pixels_per_code, default_size, size_unit, image_plan, prompt_ids,
-                accepts_negative_prompt, sampling_defaults
+                accepts_negative_prompt, sampling_defaults, image_preprocess (how its own
+                data pipeline resizes and crops a picture, for `train.prepare`)
   parity        reference_model, reference_text_model, reference_image_logits
                 (the `transformers` reference for `convert check`; need torch)
   planning      presets (published configs for `train --plan`)
@@ -58,6 +59,18 @@ class Layout:
     codec: tuple[str, str] | None = None  # (prefix, codec kind) of the image tokenizer shipped in this layout
 
 
+@dataclasses.dataclass(frozen=True)
+class ImagePreprocess:
+    """The geometry of a family's own image preprocessing for a fixed crop size: resize so the
+    picture covers the crop (aspect kept), then cut the centre. Pixel scaling is not here:
+    codecs take [0, 1] pixels and map them to their own range."""
+
+    resample: str = "bicubic"  # PIL filter of the resize that makes the picture cover the crop
+    # First halve with a box filter while both sides are at least twice the crop's (Lumina-mGPT's
+    # `center_crop`, after guided-diffusion): big pictures are averaged down, not point-sampled.
+    box_halving: bool = False
+
+
 class Family(abc.ABC):
     """What one model family knows. Subclasses set every annotated attribute and implement
     the abstract methods; the other methods have defaults that fit most families."""
@@ -74,6 +87,8 @@ class Family(abc.ABC):
     preset_configs: ClassVar[Mapping[str, Mapping[str, Any]]] = {}  # preset name -> ModelConfig fields but family
     # Its image tokenizer is Chameleon's VQGAN, published as a separate file (`--vqgan vqgan.ckpt`).
     vqgan_file: ClassVar[bool] = False
+    # How its published data pipeline resizes and centre-crops a picture (`train.prepare` images).
+    image_preprocess: ClassVar[ImagePreprocess] = ImagePreprocess()
 
     # ------------------------------------------------------------------------- checkpoints
 

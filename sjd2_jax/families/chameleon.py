@@ -22,7 +22,7 @@ import numpy as np
 
 from sjd2_jax.families import layouts as L
 from sjd2_jax.families import llama
-from sjd2_jax.families.base import ConversionError, Family, Layout
+from sjd2_jax.families.base import ConversionError, Family, ImagePreprocess, Layout
 
 # Lumina-mGPT's height/width tokens count 32-pixel units (`get_n_grids_token`) = 2 codes, so a
 # grid must have an even number of codes per side to be expressible.
@@ -71,6 +71,9 @@ class Chameleon(Family):
     vqgan_file = True  # transformers' Chameleon keeps only the VQ encoder; Lumina-mGPT ships no VQ
     pixels_per_code = 16
     default_size = 768
+    # Lumina-mGPT item_processor `center_crop`: box-filter halving while >= 2x the crop, bicubic
+    # resize to cover, centre crop (to 32-px multiples: see size_unit); then x/127.5 - 1.
+    image_preprocess = ImagePreprocess(resample="bicubic", box_halving=True)
     # Lumina-mGPT: create_logits_processor defaults and the SJD/SJD2 settings (cfg 3, image
     # top-k 2000); the 768 README uses cfg 4.0.
     sampling_defaults = dict(temperature=1.0, top_k=2000, top_p=1.0, cfg_scale=3.0)

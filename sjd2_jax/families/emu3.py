@@ -20,7 +20,7 @@ import numpy as np
 from sjd2_jax.codecs import emu3_vq
 from sjd2_jax.families import layouts as L
 from sjd2_jax.families import llama
-from sjd2_jax.families.base import Family, Layout
+from sjd2_jax.families.base import Family, ImagePreprocess, Layout
 
 # Token names (model_formats.md sections 4 and 7).
 EMU3 = dict(
@@ -85,6 +85,9 @@ class Emu3(Family):
     telltale_keys = ("text_model.model.embed_tokens.weight", "model.text_model.embed_tokens.weight")
     pixels_per_code = 8
     default_size = 720
+    # Emu3VisionVQImageProcessor resizes with bicubic (to 8-px multiples, aspect kept, no crop);
+    # a fixed training size is reached by covering it and cutting the centre; mean = std = 0.5.
+    image_preprocess = ImagePreprocess(resample="bicubic")
     # Emu3-Gen image_generation.py: top-k 2048, CFG 3 on log-softmax.
     sampling_defaults = dict(temperature=1.0, top_k=2048, top_p=1.0, cfg_scale=3.0)
     accepts_negative_prompt = True

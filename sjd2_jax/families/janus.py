@@ -24,7 +24,7 @@ import numpy as np
 from sjd2_jax.codecs import janus_vq
 from sjd2_jax.families import layouts as L
 from sjd2_jax.families import llama
-from sjd2_jax.families.base import ConversionError, Entry, Family, Layout
+from sjd2_jax.families.base import ConversionError, Entry, Family, ImagePreprocess, Layout
 
 # Token names (model_formats.md sections 4 and 7).
 JANUS = dict(bos="<｜begin▁of▁sentence｜>", pad="<｜▁pad▁｜>", boi="<begin_of_image>")
@@ -108,6 +108,9 @@ class Janus(Family):
     )
     pixels_per_code = 16
     default_size = 384
+    # VLMImageProcessor resizes with bicubic; generation images are square (384 px), so the
+    # picture covers the square and its centre is kept (the understanding path pads instead).
+    image_preprocess = ImagePreprocess(resample="bicubic")
     # Janus-Pro generation_inference.py: plain multinomial, CFG 5 on raw logits.
     sampling_defaults = dict(temperature=1.0, top_k=0, top_p=1.0, cfg_scale=5.0)
     _src = {
