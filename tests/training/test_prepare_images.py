@@ -110,6 +110,12 @@ def test_transparency_becomes_white_and_size_is_checked(tmp_path):
         got[: SIZE // 2], np.broadcast_to(np.float32([200, 0, 0]) / 255, (SIZE // 2, SIZE, 3))
     )
     np.testing.assert_array_equal(got[SIZE // 2 :], 1.0)
+    gray = _rgb(6, SIZE, SIZE)[..., 0]
+    Image.fromarray(gray, "L").save(tmp_path / "g.png")
+    Image.fromarray(gray, "L").convert("P").save(tmp_path / "p.gif")
+    for name in ("g.png", "p.gif"):  # grayscale and palette pictures: the grey in all three channels
+        got = P.load_image(tmp_path / name, (SIZE, SIZE), ImagePreprocess())
+        np.testing.assert_array_equal(got, np.repeat(gray[..., None], 3, -1) / np.float32(255), err_msg=name)
     Image.fromarray(_rgb(0, 20, 40)).save(tmp_path / "small.png")
     with pytest.raises(P.ImageError, match="smaller than the 28x28 px crop"):
         P.load_image(tmp_path / "small.png", (SIZE, SIZE), ImagePreprocess())
@@ -223,6 +229,9 @@ def test_size_option(pictures, tmp_path, capsys):
     codes = [str(pictures / "codes.jsonl"), str(tmp_path / "c"), "--model", str(DEMO_MODEL), "--size", "28"]
     assert prepare_main(codes) == 2
     assert "--size applies to pictures" in capsys.readouterr().err
+    batch = [str(pictures / "imgs"), str(tmp_path / "e"), "--model", str(DEMO_MODEL), "--encode-batch", "0"]
+    assert prepare_main(batch) == 2
+    assert capsys.readouterr().err.strip() == "error: --encode-batch must be positive, got 0"
     with pytest.raises(SystemExit) as e:
         prepare_main([str(pictures / "imgs"), str(tmp_path / "d"), "--model", str(DEMO_MODEL), "--size", "2x3x4"])
     assert e.value.code == 2 and "HEIGHTxWIDTH" in capsys.readouterr().err
