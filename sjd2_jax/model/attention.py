@@ -8,9 +8,9 @@ key-validity flag, and every backend derives visibility from that description:
 - "dense": builds the [B, T, T] mask and materialises the scores (the reference).
 - "chunked": blockwise over queries and keys with an online softmax (flash-attention
   style) in pure JAX; the mask of each [block_q, block_kv] tile is computed from the
-  descriptors, tiles with nothing visible are skipped (lax.cond), and a custom VJP
-  makes the backward pass blockwise too (it saves only the output and the per-row
-  log-sum-exp). Memory is linear in T. Portable: CPU, GPU, TPU.
+  descriptors, and a custom VJP makes the backward pass blockwise too (it saves only
+  the output and the per-row log-sum-exp) and skips tiles with nothing visible
+  (lax.cond). Memory is linear in T. Portable: CPU, GPU, TPU.
 - "cudnn": jax.nn.dot_product_attention(implementation="cudnn") on NVIDIA GPUs; the
   kernel takes the mask as an additive bias, so a [B, 1, T, T] bias is materialised
   (2 bytes per entry), but the scores are not.
@@ -205,8 +205,11 @@ def _flash_forward(qs, ks, vs, dq, dk, scale):
                 pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
                 return m_new, l, acc * corr[..., None] + pv
 
-            any_visible = jnp.any(_tile_visible(dqi, dkj))
-            return jax.lax.cond(any_visible, compute, lambda c: c, carry), None
+            # Every tile is computed here (masked tiles add exact zeros): a lax.cond skip in this
+            # forward rule makes JAX keep every tile's intermediates when the call sits in a
+            # differentiated lax.scan (the layer scan). The backward rule, never traced for
+            # differentiation, skips fully masked tiles.
+            return compute(carry), None
 
         init = (
             jnp.full(acc_shape[:-1], _NEG, jnp.float32),

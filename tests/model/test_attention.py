@@ -184,6 +184,25 @@ def test_chunked_never_builds_the_square_mask():
     assert chunked < dense / 8, (chunked, dense)
 
 
+def test_chunked_inside_a_differentiated_layer_scan_keeps_no_tiles():
+    """Under a differentiated lax.scan (the training layer scan), only O(T) residuals per layer:
+    three layers at T = 4096 need less than one [H, T, T] score tensor of temporaries."""
+    b, t, h, hd = 1, 4096, 4, 32
+    spec = MaskSpec(jnp.zeros((b, t), jnp.int32), jnp.zeros((b, t), bool), jnp.zeros((b, t), jnp.int32))
+    q = jax.ShapeDtypeStruct((b, t, h, hd), jnp.float32)
+    kv = jax.ShapeDtypeStruct((b, h, t, hd), jnp.float32)
+    cfg = AttentionConfig("chunked", 512, 512)
+
+    def loss(q, k, v):
+        def layer(c, _):
+            return c + jnp.mean(masked_attention(q * c, k, v, spec, config=cfg)), None
+
+        return jax.lax.scan(layer, jnp.float32(1.0), None, length=3)[0]
+
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < h * t * t * 4
+
+
 @pytest.mark.parametrize("backend", ["cudnn", "splash"])
 def test_fused_backends_refuse_cpu_with_a_clear_error(backend):
     if jax.default_backend() != "cpu":
