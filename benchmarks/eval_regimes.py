@@ -259,7 +259,7 @@ def table(res: dict) -> str:
 
 
 def ratio_table(res: dict) -> str:
-    lines = ["| W | SJD compression | SJD2 compression | SJD2 / SJD | SJD / SJD2 time per image (batch) |"]
+    lines = ["| W | SJD compression | SJD2 compression | SJD2 / SJD | SJD2 speed vs SJD (batch) |"]
     lines.append("|---|---|---|---|---|")
     for w, r in res["sjd2_vs_sjd"].items():
         a, b = res["configs"][f"sjd W={w}"], res["configs"][f"sjd2 W={w}"]
