@@ -258,13 +258,14 @@ def cache_timestep_tokens(ctx: Context, cache: KVCache) -> KVCache:
     The window never reaches these slots (capacity = P + N + W + K).
     """
     K, S = ctx.spec.levels, cache.capacity
-    scratch = KVCache.create(ctx.cfg, 1, K, dtype=cache.k.dtype)
+    scratch = KVCache.create(ctx.cfg, 1, K, dtype=cache.k[0].dtype)
     embeds = ctx.timestep_emb[None].astype(ctx.cfg.jnp_dtype)
     positions = window_positions(jnp.zeros((1,), jnp.int32), 0, K)
     _, own = M.forward(ctx.params, ctx.cfg, embeds, positions, mask=jnp.eye(K, dtype=bool)[None], cache=scratch)
     assert own is not None
-    put = lambda buf, new: buf.at[:, :, :, S - K :].set(jnp.broadcast_to(new, buf[:, :, :, S - K :].shape))
-    return dataclasses.replace(cache, k=put(cache.k, own.k), v=put(cache.v, own.v))
+    put = lambda buf, new: buf.at[:, :, S - K :].set(jnp.broadcast_to(new, buf[:, :, S - K :].shape))
+    put_all = lambda bufs, news: tuple(put(b, n) for b, n in zip(bufs, news, strict=True))
+    return dataclasses.replace(cache, k=put_all(cache.k, own.k), v=put_all(cache.v, own.v))
 
 
 def fresh_positions(ctx: Context, keys: jax.Array) -> Window:

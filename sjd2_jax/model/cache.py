@@ -20,19 +20,24 @@ from sjd2_jax.model.config import ModelConfig
 
 @flax.struct.dataclass
 class KVCache:
-    k: jax.Array  # [layers, B, kv_heads, S, head_dim]; [B, H, S, Dh] is the fast decode layout
-    v: jax.Array
+    # One buffer per layer, [B, kv_heads, S, head_dim] each ([B, H, S, Dh] is the fast decode
+    # layout): a pass's write into layer i is a scatter into that buffer alone, which XLA does
+    # in place inside the decode loop; a stacked [layers, ...] array made every pass slice a
+    # layer out and write it back (a full-cache copy per pass).
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     lengths: jax.Array  # int32 [B]: committed entries per row
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
     @classmethod
     def create(cls, cfg: ModelConfig, batch: int, capacity: int, dtype=None) -> KVCache:
         dtype = dtype or cfg.jnp_dtype
-        shape = (cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.hd)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32))
+        shape = (batch, cfg.num_kv_heads, capacity, cfg.hd)
+        zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+        return cls(k=zeros(), v=zeros(), lengths=jnp.zeros((batch,), jnp.int32))
 
     def advance(self, n) -> KVCache:
         """Commit n (scalar or int [B]) more entries per row."""

@@ -286,8 +286,8 @@ def forward(
         visible = cache_visibility(mask, sc, cache.lengths, cache.capacity)
         if cache_visible is not None:
             visible = visible | cache_visible
-    # Layer i's keys/values go into slice i of the stacked cache in place (no re-stacking copy).
-    kv = {"k": cache.k, "v": cache.v} if cache is not None else None
+    # Layer i's keys/values go into its own cache buffer, updated in place (cache.py).
+    kv = {"k": list(cache.k), "v": list(cache.v)} if cache is not None else None
     policy = _REMAT_POLICIES[remat if isinstance(remat, str) else ("full" if remat else "none")]
     if scan_layers and cache is None:
         scan_visible: Any = mask
@@ -318,8 +318,7 @@ def forward(
                 def kv_fn(k, v, i=i):
                     ck = write_rows(kv["k"][i], k, cache.lengths)
                     cv = write_rows(kv["v"][i], v, cache.lengths)
-                    kv["k"] = kv["k"].at[i].set(ck)
-                    kv["v"] = kv["v"].at[i].set(cv)
+                    kv["k"][i], kv["v"][i] = ck, cv
                     return ck, cv, visible
 
             if policy is not False and cache is None:
@@ -330,7 +329,7 @@ def forward(
                 x = _layer(cfg, p, x, positions, kv_fn)
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     if cache is not None:
-        cache = cache.replace(k=kv["k"], v=kv["v"])
+        cache = cache.replace(k=tuple(kv["k"]), v=tuple(kv["v"]))
     return x, cache
 
 
