@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
         "--parametrization",
         choices=["flow", "vp"],
         default="flow",
-        help="SJD2 noise parametrization (DESIGN.md 1.3; recorded in the final checkpoint)",
+        help="SJD2 noise parametrization (docs/design.md section 1; recorded in the final checkpoint)",
     )
     p.add_argument("--clean-prob", type=float, default=0.1, help="fraction of sequences left fully clean")
     p.add_argument("--param-dtype", choices=["float32", "bfloat16"], default="float32")
@@ -89,8 +89,9 @@ def _parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="continue from the newest intact checkpoint in --out (a damaged one is kept as "
-        "checkpoints/step_N.damaged-REASON and reported); settings other than --steps, --compute-dtype and "
-        "--remat must match the run's (recorded in run.json)",
+        "checkpoints/step_N.damaged-REASON and reported); settings other than --steps, --compute-dtype, "
+        "--remat, --grad-accum, --attention, --attention-block and --loss-chunk must match the run's (recorded in "
+        "run.json)",
     )
     p.add_argument(
         "--no-progress",

@@ -44,7 +44,7 @@ its contiguous slice of rows [i * B / P, (i + 1) * B / P) of every global batch.
 integers (epoch, batches consumed in that epoch), the same on every process, so it can be saved
 with the model checkpoint from any one process and restored under another process count.
 
-Why not grain: it is not installed here (no network), and what training needs is small: random
+Why not grain: what training needs is small (and one dependency fewer): random
 access to fixed-length rows (memory-mapped `.npy` gives that with no worker processes), one global
 order that every host computes alike, per-host slices, and a resumable two-integer state. This
 module does exactly that in ~200 lines of numpy, deterministically and without background threads;

@@ -34,7 +34,9 @@ CHECKPOINTS = "checkpoints"
 FINAL = "final"
 RUN_RECORD = "run.json"  # the TrainConfig a run started with (its learning-rate schedule)
 # Settings a resumed run may change; every other TrainConfig field must match the record.
-RESUME_MAY_CHANGE = ("steps", "compute_dtype", "remat")
+# Settings a resumed run may change: they change where training stops or how a step is computed
+# (memory, precision of compute), not what it optimises.
+RESUME_MAY_CHANGE = ("steps", "compute_dtype", "remat", "grad_accum", "attention", "attention_block", "loss_chunk")
 
 
 def maybe_initialize_distributed() -> None:
@@ -257,8 +259,8 @@ def _schedule_config(run_dir: Path, tc: TrainConfig, resuming: bool, log) -> Tra
     """The TrainConfig whose optimizer and learning-rate schedule the run uses.
 
     A new run records `tc` in run.json. A resumed run continues the recorded schedule: a different
-    --steps only moves where this invocation stops (noted), and any other changed setting except
-    compute dtype and remat is refused (it would silently change the optimization)."""
+    --steps only moves where this invocation stops (noted), and any other changed setting outside
+    RESUME_MAY_CHANGE is refused (it would silently change the optimization)."""
     record = run_dir / RUN_RECORD
     now = dataclasses.asdict(tc)
     if resuming and record.is_file():
