@@ -145,7 +145,7 @@ def frechet(a: np.ndarray, b: np.ndarray) -> float:
 
 def configs(windows) -> dict[str, dict]:
     out: dict[str, dict] = {"ar": {"method": "ar"}}
-    for method, w in itertools.product(PARALLEL, windows):
+    for w, method in itertools.product(windows, PARALLEL):  # by window: a cut-short run still compares methods
         out[f"{method} W={w}"] = {"method": method, "window": int(w)}
     return out
 
@@ -170,7 +170,9 @@ def stats(res: dict) -> dict:
     }
 
 
-def evaluate_regime(regime, model_path: Path, args, progress=print) -> dict:
+def evaluate_regime(regime, model_path: Path, args, progress=print, checkpoint=None) -> dict:
+    """All configs of one regime; checkpoint(partial result) is called after each config, so a run
+    that is cut short keeps what it measured."""
     import sjd2_jax
     from sjd2_jax.codecs import load_codec
 
@@ -196,16 +198,19 @@ def evaluate_regime(regime, model_path: Path, args, progress=print) -> dict:
             acc = f"acc {row['accuracy']:.3f} " if "accuracy" in row else ""
             progress(
                 f"  [{regime.name}] {name:<12} seed {seed}: {row['compression_mean']:.2f}x  {acc}"
-                f"FD {row['frechet']:.2f}  {row['seconds_per_image'] * 1e3:.0f} ms/img"
+                f"FD {row['frechet']:.4g}  {row['seconds_per_image'] * 1e3:.0f} ms/img"
             )
         agg = aggregate(per_seed)
         if args.latency_prompts:
             lat = generate_set(model, codec, lat_prompts, cfg, 0, 1)
             agg["seconds_per_image_b1"] = float(lat["seconds_per_image"])
         out["configs"][name] = dict(agg, config=cfg, per_seed=per_seed)
+        if checkpoint is not None:
+            checkpoint(out)
     pairs = list(itertools.combinations(sorted(ar_features), 2))
     out["floor"]["ar_vs_ar_frechet"] = [frechet(ar_features[a], ar_features[b]) for a, b in pairs]
     out["floor"]["ar_seed_pairs"] = [list(p) for p in pairs]
+    out["complete"] = True
     out["sjd2_vs_sjd"] = {
         str(w): {
             "compression_ratio": out["configs"][f"sjd2 W={w}"]["compression_mean"]
@@ -247,7 +252,7 @@ def table(res: dict) -> str:
         cells = [name, f"{r['compression_mean']:.2f}x ({p[0]:.2f}/{p[1]:.2f}/{p[2]:.2f})", f"{r['steps_mean']:.1f}"]
         if has_acc:
             cells.append(f"{r['accuracy']:.3f} ({r['accuracy_min']:.3f}-{r['accuracy_max']:.3f})")
-        cells.append(f"{r['frechet']:.2f} ({r['frechet_min']:.2f}-{r['frechet_max']:.2f})")
+        cells.append(f"{r['frechet']:.4g} ({r['frechet_min']:.4g}-{r['frechet_max']:.4g})")
         cells += [f"{r['seconds_per_image'] * 1e3:.0f}", f"{ar['seconds_per_image'] / r['seconds_per_image']:.2f}x"]
         if "seconds_per_image_b1" in r:
             b1 = r["seconds_per_image_b1"]
@@ -274,10 +279,10 @@ def floor_text(res: dict) -> str:
     f = res["floor"]
     ar = res["configs"]["ar"]
     parts = [
-        f"AR vs AR (two seeds) Frechet: {', '.join(f'{x:.2f}' for x in f['ar_vs_ar_frechet'])}",
-        f"AR's Frechet to the reference over seeds: {ar['frechet_min']:.2f}-{ar['frechet_max']:.2f}",
-        f"real vs real (disjoint halves): {f['real_half_vs_half_frechet']:.2f}",
-        f"VQ reconstructions of real vs real: {f['vq_reconstruction_frechet']:.2f}",
+        f"AR vs AR (two seeds) Frechet: {', '.join(f'{x:.4g}' for x in f['ar_vs_ar_frechet'])}",
+        f"AR's Frechet to the reference over seeds: {ar['frechet_min']:.4g}-{ar['frechet_max']:.4g}",
+        f"real vs real (disjoint halves): {f['real_half_vs_half_frechet']:.4g}",
+        f"VQ reconstructions of real vs real: {f['vq_reconstruction_frechet']:.4g}",
     ]
     if "accuracy" in ar:
         parts.append(f"AR accuracy over seeds: {ar['accuracy_min']:.3f}-{ar['accuracy_max']:.3f}")
@@ -320,18 +325,22 @@ def main(argv=None) -> int:
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "regimes": {},
     }
+
+    def save(name, partial):
+        report["regimes"][name] = partial
+        report["seconds"] = time.time() - t0
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.json.with_suffix(".tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        tmp.replace(args.json)
+
     for name in args.regimes:
         print(f"== {name} ({models[name]})", flush=True)
-        res = evaluate_regime(REGIMES[name](), models[name], args)
-        report["regimes"][name] = res
+        res = evaluate_regime(REGIMES[name](), models[name], args, checkpoint=lambda r, n=name: save(n, r))
+        save(name, res)
         print(table(res))
         print(ratio_table(res))
         print(floor_text(res), flush=True)
-    report["seconds"] = time.time() - t0
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.json.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(args.json)
     print(f"wrote {args.json} in {report['seconds']:.0f} s")
     return 0
 

@@ -118,7 +118,8 @@ def test_build_photo_script_runs_end_to_end(tmp_path):
     work = tmp_path / "photo"
     args = ["--work", str(work), "--crops-per-source", "4", "--codes", "16", "--kmeans-iters", "2"]
     args += ["--kmeans-sample", "2000", "--layers", "1", "--hidden", "32", "--heads", "2", "--mlp", "64"]
-    args += ["--ar-steps", "2", "--sjd2-steps", "2", "--batch-size", "4", "--ar-warmup", "1", "--levels", "4"]
+    # batch 8: the test process runs with 8 fake devices (tests/conftest.py), which the subprocess inherits
+    args += ["--ar-steps", "2", "--sjd2-steps", "2", "--batch-size", "8", "--ar-warmup", "1", "--levels", "4"]
     r = subprocess.run(
         [sys.executable, "scripts/build_photo.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=1800
     )
