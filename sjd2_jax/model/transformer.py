@@ -15,6 +15,7 @@ Layout decisions:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -305,31 +306,37 @@ def forward(
             if mask_spec is not None:
                 acfg = attention_cfg or AttentionConfig()
 
-                def kv_fn(k, v, acfg=acfg):
+                def kv_spec(k, v, acfg=acfg):
                     return k, v, lambda q_, k_, v_: masked_attention(q_, k_, v_, mask_spec, config=acfg)
 
+                kv_fn: Callable = kv_spec
             elif cache is None:
 
-                def kv_fn(k, v):
+                def kv_dense(k, v):
                     return k, v, mask
 
+                kv_fn = kv_dense
             else:
 
-                def kv_fn(k, v, i=i):
+                def kv_cached(k, v, i=i):
+                    assert kv is not None and cache is not None
                     ck = write_rows(kv["k"][i], k, cache.lengths)
                     cv = write_rows(kv["v"][i], v, cache.lengths)
                     kv["k"][i], kv["v"][i] = ck, cv
                     return ck, cv, visible
 
+                kv_fn = kv_cached
+
             if policy is not False and cache is None:
                 # Training: keep only layer inputs (and with "dots" the projections) for the backward pass.
-                layer = lambda p_, x_, pos_: _layer(cfg, p_, x_, pos_, kv_fn)
+                layer = lambda p_, x_, pos_, kv_fn=kv_fn: _layer(cfg, p_, x_, pos_, kv_fn)
                 x = jax.checkpoint(layer, policy=policy)(p, x, positions)
             else:
                 x = _layer(cfg, p, x, positions, kv_fn)
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     if cache is not None:
-        cache = cache.replace(k=tuple(kv["k"]), v=tuple(kv["v"]))
+        assert kv is not None
+        cache = dataclasses.replace(cache, k=tuple(kv["k"]), v=tuple(kv["v"]))
     return x, cache
 
 
