@@ -106,9 +106,18 @@ class ImagePlan:
 
 @functools.lru_cache(maxsize=8)
 def _load_tokenizer(path: str, mtime: float):
+    return read_tokenizer(path)
+
+
+def read_tokenizer(path):
+    """A `tokenizers.Tokenizer` from a tokenizer.json; a file it cannot load is a ValueError naming it."""
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(path)
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception with serde's message
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: not a readable tokenizer ({msg})") from None
 
 
 def tokenizer_of(model, required: bool = False):

@@ -285,13 +285,12 @@ def copy_files(src, dst, names) -> list[str]:
 
 def check_tokenizer_file(path: Path) -> None:
     """Refuse a tokenizer.json that the `tokenizers` library cannot load, naming the file."""
-    from tokenizers import Tokenizer
+    from sjd2_jax.families.layouts import read_tokenizer
 
     try:
-        Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises a bare Exception with serde's message
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable tokenizer ({msg})") from None
+        read_tokenizer(path)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
