@@ -157,3 +157,104 @@ def read_codec_tensors(folder, meta: Mapping[str, Any]) -> dict[str, np.ndarray]
 
 def codec_file_names() -> tuple[str, ...]:
     return (CODEC_FILE, PARAMS_DIR)
+
+
+# -- what the neural kinds build alike -----------------------------------------------------
+
+
+def module_tensors(
+    flat: Mapping[str, Any],
+    modules: Iterable[str],
+    rename: Callable[[str], str] = str,
+    skip: Iterable[str] = (),
+) -> dict[str, Any]:
+    """The entries of a state dict under the top-level `modules` (less the names in `skip`),
+    keys passed through `rename` (a published naming -> the one the kind's functions read)."""
+    modules, skip = frozenset(modules), frozenset(skip)
+    return {rename(k): v for k, v in flat.items() if k not in skip and k.split(".", 1)[0] in modules}
+
+
+def require_paths(tree: Mapping[str, Any], paths: Iterable[tuple[str, ...]], where: str) -> None:
+    """Fail at load time, naming the first missing path, rather than with a KeyError inside jit."""
+    for path in paths:
+        node: Any = tree
+        for part in path:
+            if not isinstance(node, Mapping) or part not in node:
+                raise CodecError(f"{where}: codec tensors lack {'.'.join(path)}")
+            node = node[part]
+
+
+def upsampling_factor(tree: Mapping[str, Any]) -> int:
+    """Pixels per code: 2 ** (number of decoder levels that upsample)."""
+    up = tree["decoder"]["up"]
+    return 2 ** sum("upsample" in up[k] for k in up)
+
+
+def describe_tree(kind: str, tree: Mapping[str, Any]) -> dict:
+    """image_codec.json fields derived from a checked codec tree (decoder.up levels, a codebook)."""
+    return {
+        "kind": kind,
+        "pixels_per_code": upsampling_factor(tree),
+        "num_codes": int(tree["quantize"]["embedding"]["weight"].shape[0]),
+        "has_encoder": "encoder" in tree,
+    }
+
+
+def compile_codec(tree: Mapping[str, Any], dtype, abstract: bool, decode: Callable, encode: Callable) -> Compiled:
+    """Runtime tree (see layers.runtime_params) + jitted decode, and encode where the tree has an encoder."""
+    import jax
+
+    from sjd2_jax.codecs.layers import runtime_params
+
+    params = runtime_params(tree, dtype, abstract)
+    return Compiled(params, jax.jit(decode), jax.jit(encode) if "encoder" in tree else None)
+
+
+def meta_grid(meta: Mapping[str, Any]) -> tuple[int, int] | None:
+    g = meta.get("grid")
+    return (int(g[0]), int(g[1])) if g else None
+
+
+@dataclasses.dataclass(frozen=True)
+class CodecKind:
+    """One neural codec kind: how its state dict becomes a checked tree and a compiled codec.
+    Gives each kind's module its build / describe / in-memory codec / registry loader.
+
+    tree(flat) -> nested runtime tree; check(tree, where) raises CodecError naming what is missing;
+    compile(tree, dtype, abstract) -> Compiled; label names the kind in describe's errors."""
+
+    kind: str
+    label: str
+    tree: Callable[[Mapping[str, Any]], dict]
+    check: Callable[[Mapping[str, Any], str], None]
+    compile: Callable[[Mapping[str, Any], Any, bool], Compiled]
+
+    def build(self, flat: Mapping[str, Any], dtype="float32", where: str = "codec", abstract: bool = False) -> Compiled:
+        """Runtime tree + jitted decode/encode; abstract=True: shapes only (see layers.runtime_params)."""
+        tree = self.tree(flat)
+        self.check(tree, where)
+        return self.compile(tree, dtype, abstract)
+
+    def describe(self, flat: Mapping[str, Any]) -> dict:
+        """image_codec.json fields derived from the tensors."""
+        tree = self.tree(flat)
+        self.check(tree, self.label)
+        return describe_tree(self.kind, tree)
+
+    def codec(self, flat: Mapping[str, Any], dtype="float32", grid=None) -> NeuralCodec:
+        """An in-memory codec from a state dict (tests, benchmarks)."""
+        d = self.describe(flat)
+        return NeuralCodec(
+            self.kind, d["pixels_per_code"], d["num_codes"], grid, codec_file_names(), lambda: self.build(flat, dtype)
+        )
+
+    def load(self, folder, meta: Mapping[str, Any]) -> NeuralCodec:
+        """The `sjd2_jax.codecs` loader: sizes from image_codec.json, tensors read on first use."""
+        return NeuralCodec(
+            self.kind,
+            int(meta["pixels_per_code"]),
+            int(meta["num_codes"]),
+            meta_grid(meta),
+            codec_file_names(),
+            lambda: self.build(read_codec_tensors(folder, meta), meta.get("dtype", "float32"), str(folder)),
+        )

@@ -30,10 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sjd2_jax.codecs import CodecError
 from sjd2_jax.codecs import layers as L
-from sjd2_jax.codecs.base import Compiled, NeuralCodec, codec_file_names, read_codec_tensors
-from sjd2_jax.codecs.vqgan import meta_grid
+from sjd2_jax.codecs.base import CodecKind, Compiled, compile_codec, module_tensors, require_paths
 
 KIND = "emu3_vq"
 MODULES = ("encoder", "decoder", "quantize", "quant_conv", "post_quant_conv")
@@ -43,16 +41,14 @@ _PROJ = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "out_proj": "proj_out"}
 
 def original_names(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Emu3 VQ state dict (no prefix; original or transformers naming) -> original names."""
-    out = {}
-    for key, value in flat.items():
-        if key.split(".", 1)[0] not in MODULES:
-            continue
+
+    def rename(key: str) -> str:
         k = key.replace("encoder.down_block.down.", "encoder.down.").replace("decoder.up_block.up.", "decoder.up.")
         k = k.replace(".middle_block.attn_norm.", ".mid.attn_1.norm.").replace(".middle_block.", ".mid.")
         k = re.sub(r"\.attn_norms\.(\d+)\.", r".attn.\1.norm.", k)
-        k = re.sub(r"\.(q|k|v|out)_proj\.", lambda m: f".{_PROJ[m.group(1) + '_proj']}.", k)
-        out[k] = value
-    return out
+        return re.sub(r"\.(q|k|v|out)_proj\.", lambda m: f".{_PROJ[m.group(1) + '_proj']}.", k)
+
+    return module_tensors(flat, MODULES, rename)
 
 
 def emu3_tree(flat: Mapping[str, np.ndarray]) -> dict:
@@ -186,19 +182,11 @@ def check_tree(tree: Mapping[str, Any], where: str) -> None:
     if "encoder" in tree:
         need += [("encoder", k) for k in ("conv_in", "down", "mid", "norm_out", "conv_out", "time_res_stack")]
         need += [("quant_conv", "conv", "weight")]
-    for path in need:
-        node: Any = tree
-        for part in path:
-            if not isinstance(node, Mapping) or part not in node:
-                raise CodecError(f"{where}: codec tensors lack {'.'.join(path)}")
-            node = node[part]
+    require_paths(tree, need, where)
 
 
-def build_emu3(flat: Mapping[str, Any], dtype="float32", where: str = "codec", abstract: bool = False) -> Compiled:
-    """Runtime tree + jitted decode/encode; abstract=True: shapes only (see layers.runtime_params)."""
-    tree = emu3_tree(flat)
-    check_tree(tree, where)
-    params = L.runtime_params(tree, dtype, abstract)
+def compile_emu3(tree: Mapping[str, Any], dtype, abstract: bool) -> Compiled:
+    """Jitted single-frame decode and image encode around a checked Emu3 tree."""
     cdt = jnp.dtype(dtype)
 
     def decode(params, codes):
@@ -211,36 +199,11 @@ def build_emu3(flat: Mapping[str, Any], dtype="float32", where: str = "codec", a
         z = causal_conv3d(t, params["quant_conv"]["conv"])[:, -1]  # one frame left
         return L.nearest_code(z, params["quantize"]["embedding"]["weight"])
 
-    return Compiled(params, jax.jit(decode), jax.jit(encode) if "encoder" in tree else None)
+    return compile_codec(tree, dtype, abstract, decode, encode)
 
 
-def describe_emu3(flat: Mapping[str, np.ndarray]) -> dict:
-    tree = emu3_tree(flat)
-    check_tree(tree, "Emu3 VQ")
-    up = tree["decoder"]["up"]
-    return {
-        "kind": KIND,
-        "pixels_per_code": 2 ** sum("upsample" in up[k] for k in up),
-        "num_codes": int(tree["quantize"]["embedding"]["weight"].shape[0]),
-        "has_encoder": "encoder" in tree,
-    }
-
-
-def emu3_codec(flat: Mapping[str, np.ndarray], dtype="float32", grid=None) -> NeuralCodec:
-    """An in-memory codec from a state dict (tests, benchmarks)."""
-    d = describe_emu3(flat)
-    return NeuralCodec(
-        KIND, d["pixels_per_code"], d["num_codes"], grid, codec_file_names(), lambda: build_emu3(flat, dtype)
-    )
-
-
-def load_codec(folder, meta: dict) -> NeuralCodec:
-    """The `sjd2_jax.codecs` loader for kind "emu3_vq"."""
-    return NeuralCodec(
-        KIND,
-        int(meta["pixels_per_code"]),
-        int(meta["num_codes"]),
-        meta_grid(meta),
-        codec_file_names(),
-        lambda: build_emu3(read_codec_tensors(folder, meta), meta.get("dtype", "float32"), str(folder)),
-    )
+EMU3 = CodecKind(KIND, "Emu3 VQ", emu3_tree, check_tree, compile_emu3)
+build_emu3 = EMU3.build
+describe_emu3 = EMU3.describe
+emu3_codec = EMU3.codec
+load_codec = EMU3.load  # the `sjd2_jax.codecs` loader for kind "emu3_vq"

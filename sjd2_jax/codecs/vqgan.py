@@ -13,6 +13,7 @@ Pixels are [-1, 1] at both ends (Meta / Lumina: x / 127.5 - 1).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,9 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sjd2_jax.codecs import CodecError
+from sjd2_jax.codecs import CodecError as CodecError  # re-exported: what a bad tree raises
 from sjd2_jax.codecs import layers as L
-from sjd2_jax.codecs.base import Compiled, NeuralCodec, codec_file_names, read_codec_tensors
+from sjd2_jax.codecs.base import CodecKind, Compiled, compile_codec, module_tensors, require_paths
 
 KIND = "chameleon_vqgan"
 # Top-level modules of a taming VQModel that the codec uses (a training checkpoint also has loss.*).
@@ -71,24 +72,33 @@ def _mid(p, h):
     return L.res_block(h, p["block_2"])
 
 
-def upsampling_factor(tree: Mapping[str, Any]) -> int:
-    """Pixels per code: 2 ** (number of decoder levels that upsample)."""
-    up = tree["decoder"]["up"]
-    return 2 ** sum("upsample" in up[k] for k in up)
-
-
 def check_taming_tree(tree: Mapping[str, Any], where: str) -> None:
     """Fail at load time, naming what is missing, rather than with a KeyError inside jit."""
     need: list[tuple[str, ...]] = [("quantize", "embedding", "weight"), ("post_quant_conv", "weight")]
     need += [("decoder", k) for k in ("conv_in", "mid", "up", "norm_out", "conv_out")]
     if "encoder" in tree:
         need += [("encoder", k) for k in ("conv_in", "down", "mid", "norm_out", "conv_out")] + [("quant_conv",)]
-    for path in need:
-        node: Any = tree
-        for part in path:
-            if not isinstance(node, Mapping) or part not in node:
-                raise CodecError(f"{where}: codec tensors lack {'.'.join(path)}")
-            node = node[part]
+    require_paths(tree, need, where)
+
+
+def build_taming(tree: Mapping[str, Any], dtype, abstract: bool, l2_codebook: bool) -> Compiled:
+    """Jitted codec around the taming encoder/decoder of a checked tree. l2_codebook (Janus):
+    decode looks codes up in the row-normalised codebook, encode normalises the latent and the
+    codebook before the nearest-code search; otherwise (Chameleon) both use them raw."""
+    cdt = jnp.dtype(dtype)
+    norm = L.l2_normalize if l2_codebook else (lambda x: x)
+
+    def decode(params, codes):
+        z = norm(params["quantize"]["embedding"]["weight"])[codes].astype(cdt)
+        z = L.pointwise(z, params["post_quant_conv"])
+        return taming_decoder(params["decoder"], z).astype(jnp.float32)
+
+    def encode(params, pixels):
+        h = taming_encoder(params["encoder"], pixels.astype(cdt))
+        z = norm(L.pointwise(h, params["quant_conv"]))
+        return L.nearest_code(z, norm(params["quantize"]["embedding"]["weight"]))
+
+    return compile_codec(tree, dtype, abstract, decode, encode)
 
 
 # -- Chameleon ----------------------------------------------------------------------------
@@ -96,64 +106,23 @@ def check_taming_tree(tree: Mapping[str, Any], where: str) -> None:
 
 def chameleon_tree(flat: Mapping[str, np.ndarray]) -> dict:
     """The taming VQModel state dict (no prefix) as a nested tree, other modules dropped."""
-    return L.nest({k: v for k, v in flat.items() if k.split(".", 1)[0] in MODULES})
+    return L.nest(module_tensors(flat, MODULES))
 
 
-def build_chameleon(flat: Mapping[str, Any], dtype="float32", where: str = "codec", abstract: bool = False) -> Compiled:
-    """Runtime tree + jitted decode/encode; abstract=True: shapes only (see layers.runtime_params)."""
-    tree = chameleon_tree(flat)
-    check_taming_tree(tree, where)
-    params = L.runtime_params(tree, dtype, abstract)
-    cdt = jnp.dtype(dtype)
+CHAMELEON = CodecKind(
+    KIND, "VQGAN", chameleon_tree, check_taming_tree, functools.partial(build_taming, l2_codebook=False)
+)
+build_chameleon = CHAMELEON.build
+describe_chameleon = CHAMELEON.describe
+chameleon_codec = CHAMELEON.codec
+load_codec = CHAMELEON.load  # the `sjd2_jax.codecs` loader for kind "chameleon_vqgan"
 
-    def decode(params, codes):
-        z = params["quantize"]["embedding"]["weight"][codes].astype(cdt)
-        z = L.pointwise(z, params["post_quant_conv"])
-        return taming_decoder(params["decoder"], z).astype(jnp.float32)
-
-    def encode(params, pixels):
-        h = taming_encoder(params["encoder"], pixels.astype(cdt))
-        h = L.pointwise(h, params["quant_conv"])
-        return L.nearest_code(h, params["quantize"]["embedding"]["weight"])
-
-    return Compiled(params, jax.jit(decode), jax.jit(encode) if "encoder" in tree else None)
-
-
-def describe_chameleon(flat: Mapping[str, np.ndarray]) -> dict:
-    """image_codec.json fields derived from the tensors."""
-    tree = chameleon_tree(flat)
-    check_taming_tree(tree, "VQGAN")
-    return {
-        "kind": KIND,
-        "pixels_per_code": upsampling_factor(tree),
-        "num_codes": int(tree["quantize"]["embedding"]["weight"].shape[0]),
-        "has_encoder": "encoder" in tree,
-    }
-
-
-def chameleon_codec(flat: Mapping[str, np.ndarray], dtype="float32", grid=None) -> NeuralCodec:
-    """An in-memory codec from a state dict (tests, benchmarks)."""
-    d = describe_chameleon(flat)
-    return NeuralCodec(
-        KIND, d["pixels_per_code"], d["num_codes"], grid, codec_file_names(), lambda: build_chameleon(flat, dtype)
-    )
-
-
-def load_codec(folder, meta: dict) -> NeuralCodec:
-    """The `sjd2_jax.codecs` loader for kind "chameleon_vqgan"."""
-    return NeuralCodec(
-        KIND,
-        int(meta["pixels_per_code"]),
-        int(meta["num_codes"]),
-        meta_grid(meta),
-        codec_file_names(),
-        lambda: build_chameleon(read_codec_tensors(folder, meta), meta.get("dtype", "float32"), str(folder)),
-    )
-
-
-def meta_grid(meta: dict) -> tuple[int, int] | None:
-    g = meta.get("grid")
-    return (int(g[0]), int(g[1])) if g else None
-
-
-__all__ = ["KIND", "build_chameleon", "chameleon_codec", "load_codec", "taming_decoder", "taming_encoder"]
+__all__ = [
+    "KIND",
+    "build_chameleon",
+    "build_taming",
+    "chameleon_codec",
+    "load_codec",
+    "taming_decoder",
+    "taming_encoder",
+]
