@@ -185,12 +185,7 @@ def read_vqgan_ckpt(path) -> tuple[dict[str, np.ndarray], list[str]]:
         raise CodecError(f"--vqgan {path}: no such file")
     torch = tb._torch()
     try:
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        obj = tb.load_weights_only(path)
     except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError, AttributeError) as e:
         raise CodecError(
             tb._load_failure(path, e)

@@ -75,16 +75,23 @@ def _dtype_name(t) -> str:
     return names[t.dtype]
 
 
+def load_weights_only(path: Path):
+    """torch.load with weights_only=True (no code from the pickle runs), memory-mapped when the file
+    is a zip archive; a legacy pickle cannot be mapped and is loaded whole. Errors propagate."""
+    torch = _torch()
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
 def _load(path: Path) -> dict:
     """torch.load one file (weights_only; memory-mapped when possible) and check it is a state dict."""
     torch = _torch()
     try:
-        try:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy pickle: loaded whole
+        sd = load_weights_only(path)
     except Exception as e:  # truncated zip, not a pickle, disallowed globals: all name the file
         raise BinError(_load_failure(path, e)) from None
     if not isinstance(sd, dict) or not sd:
