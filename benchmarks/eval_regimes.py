@@ -143,9 +143,11 @@ def frechet(a: np.ndarray, b: np.ndarray) -> float:
 # ----------------------------------------------------------------------------- runs
 
 
-def configs(windows) -> dict[str, dict]:
+def configs(windows, methods=PARALLEL) -> dict[str, dict]:
     out: dict[str, dict] = {"ar": {"method": "ar"}}
-    for w, method in itertools.product(windows, PARALLEL):  # by window: a cut-short run still compares methods
+    for w, method in itertools.product(
+        windows, [m for m in PARALLEL if m in methods]
+    ):  # by window: a cut-short run still compares methods
         out[f"{method} W={w}"] = {"method": method, "window": int(w)}
     return out
 
@@ -184,7 +186,7 @@ def evaluate_regime(regime, model_path: Path, args, progress=print, checkpoint=N
     floor["vq_reconstruction_frechet"] = regime.vq_floor(codec)
     out: dict = {"model": str(model_path), "prompts": len(prompts), "floor": floor, "configs": {}}
     ar_features = {}
-    for name, cfg in configs(args.windows).items():
+    for name, cfg in configs(args.windows, args.methods).items():
         seeds = args.ar_seeds if cfg["method"] == "ar" else args.seeds
         per_seed = []
         for seed in seeds:
@@ -211,6 +213,7 @@ def evaluate_regime(regime, model_path: Path, args, progress=print, checkpoint=N
     out["floor"]["ar_vs_ar_frechet"] = [frechet(ar_features[a], ar_features[b]) for a, b in pairs]
     out["floor"]["ar_seed_pairs"] = [list(p) for p in pairs]
     out["complete"] = True
+    both = "sjd" in args.methods and "sjd2" in args.methods
     out["sjd2_vs_sjd"] = {
         str(w): {
             "compression_ratio": out["configs"][f"sjd2 W={w}"]["compression_mean"]
@@ -218,7 +221,7 @@ def evaluate_regime(regime, model_path: Path, args, progress=print, checkpoint=N
             "wallclock_ratio_batch": out["configs"][f"sjd W={w}"]["seconds_per_image"]
             / out["configs"][f"sjd2 W={w}"]["seconds_per_image"],
         }
-        for w in args.windows
+        for w in (args.windows if both else [])
     }
     return out
 
@@ -300,6 +303,9 @@ def main(argv=None) -> int:
     p.add_argument("--demo-model", type=Path, default=None, help="default: the bundled demo model")
     p.add_argument("--photo-model", type=Path, default=None, help="default: build/photo/sjd2/final")
     p.add_argument("--windows", type=int, nargs="+", default=[16, 32, 64, 96])
+    p.add_argument(
+        "--methods", nargs="+", choices=PARALLEL, default=list(PARALLEL), help="parallel methods (AR always)"
+    )
     p.add_argument("--per-class", type=int, default=10, help="images per digit / per photo, per seed")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--ar-seeds", type=int, nargs="+", default=[0, 1, 2], help="at least two: the noise floor")
