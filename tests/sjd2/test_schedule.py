@@ -38,7 +38,7 @@ def test_karras_strictly_decreasing_with_exact_endpoints(k, lo, ratio, rho):
     # Interior values follow the rule (independent restatement).
     i = k // 2
     want = (hi ** (1 / rho) + i / (k - 1) * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
-    np.testing.assert_allclose(s[i], want, rtol=1e-12)
+    np.testing.assert_allclose(s[i], want, rtol=1e-10)  # float64: the two forms round differently when rho < 1
     # Same in the float32 per-level tables: sigma strictly increasing with the level.
     cfg = NoiseConfig(num_levels=k, sigma_min=lo, sigma_max=hi, rho=rho)
     _, sigma = alpha_sigma(cfg)
