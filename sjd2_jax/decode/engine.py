@@ -5,7 +5,7 @@ Window position 0 holds the newest committed token (its KV is not cached yet);
 positions 1..W-1 hold drafts for the next generated tokens. One forward pass over
 the window gives p_j (the processed next-token distribution after position j);
 p_{i-1} verifies the draft at position i. The methods differ only in how drafts are
-made and accepted (DESIGN.md 1.2-1.3):
+made and accepted (docs/design.md sections 1-2):
 
 - ar:     W = 1, sample from p_0.
 - jacobi: accept draft d_i while it equals the model's own sample y_{i-1}.
