@@ -23,6 +23,22 @@ def expect_cli_error(argv, capsys, *needles) -> str:
     return err
 
 
+def tiny_chameleon_config():
+    """A two-layer Chameleon config small enough to compile a decode loop in seconds."""
+    from sjd2_jax.model.config import ModelConfig
+
+    return ModelConfig(
+        family="chameleon",
+        vocab_size=64,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=2,
+        intermediate_size=48,
+        qk_norm=True,
+    )
+
+
 def numpy_params(cfg, seed):
     """Random parameters like M.init_params, drawn with numpy: jax's RNG takes seconds
     to compile per weight shape on CPU."""

@@ -6,16 +6,13 @@ import pytest
 
 pytest.importorskip("torch")
 
-from codec_fixtures import emu3_hf_to_original, tiny_emu3
+from codec_fixtures import check_decode_bfloat16, check_decode_float32, emu3_hf_to_original, tiny_emu3
 
 from sjd2_jax.codecs import emu3_vq
 
 pytestmark = pytest.mark.torch
 
-# Same reasoning as the Chameleon VQGAN (tests/codecs/test_vqgan.py); SpatialNorm multiplies
-# two rounded factors per norm, so the error is a little larger. Measured: see test output.
-BF16_MEAN_REL = 0.03
-BF16_MAX_REL = 0.15
+# bfloat16 decode tolerance: codec_fixtures.BF16_MEAN_REL / BF16_MAX_REL (reasoning there).
 
 
 @pytest.fixture(scope="module")
@@ -37,24 +34,13 @@ def test_single_frame_decoder_matches_four_frame_reference(tiny, layout):
         flat = emu3_hf_to_original(flat)
         assert "decoder.up.2.attn.0.norm.conv_y.weight" in flat
     codec = emu3_vq.emu3_codec(flat)
-    codes = np.random.default_rng(0).integers(0, 64, size=(2, 3, 5))
-    ref = _reference_decode(hf, codes)
-    raw = np.asarray(codec.compiled.decode(codec.compiled.params, codes.astype(np.int32)))
-    assert raw.shape == ref.shape == (2, 12, 20, 3)
-    err = np.abs(raw - ref).max()
-    print(f"emu3 decode float32 ({layout} keys) max|d| = {err:.2e} (output std {ref.std():.2f})")
-    assert err < 1e-4
+    check_decode_float32(codec, lambda c: _reference_decode(hf, c), f"emu3 ({layout} keys)")
 
 
 def test_decoder_bfloat16_within_stated_tolerance(tiny):
     flat, hf = tiny
-    codes = np.random.default_rng(1).integers(0, 64, size=(2, 3, 5))
-    ref = _reference_decode(hf, codes)
     codec = emu3_vq.emu3_codec(flat, dtype="bfloat16")
-    out = np.asarray(codec.compiled.decode(codec.compiled.params, codes.astype(np.int32)))
-    rel = np.abs(out - ref) / ref.std()
-    print(f"emu3 decode bfloat16: mean {rel.mean():.2e}, max {rel.max():.2e} of output std")
-    assert rel.mean() < BF16_MEAN_REL and rel.max() < BF16_MAX_REL
+    check_decode_bfloat16(codec, lambda c: _reference_decode(hf, c), "emu3")
 
 
 @pytest.mark.parametrize("layout", ["hf", "original"])

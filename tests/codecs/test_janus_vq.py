@@ -6,16 +6,19 @@ import pytest
 
 pytest.importorskip("torch")
 
-from codec_fixtures import janus_hf_to_original, janus_reference_codes, tiny_janus
+from codec_fixtures import (
+    check_decode_bfloat16,
+    check_decode_float32,
+    janus_hf_to_original,
+    janus_reference_codes,
+    tiny_janus,
+)
 
 from sjd2_jax.codecs import janus_vq
 
 pytestmark = pytest.mark.torch
 
-# Same reasoning and headroom as the Chameleon VQGAN (tests/codecs/test_vqgan.py); measured
-# here: mean ~1.5 %, max ~8 % of the output std.
-BF16_MEAN_REL = 0.03
-BF16_MAX_REL = 0.15
+# bfloat16 decode tolerance: codec_fixtures.BF16_MEAN_REL / BF16_MAX_REL (reasoning there).
 
 
 @pytest.fixture(scope="module")
@@ -39,24 +42,13 @@ def test_decoder_matches_transformers_float32(tiny, layout):
         flat = janus_hf_to_original(flat)
         assert any(k.startswith("decoder.conv_blocks.0.attn.") for k in flat)
     codec = janus_vq.janus_codec(flat)
-    codes = np.random.default_rng(0).integers(0, 64, size=(2, 3, 5))
-    ref = _reference_decode(hf, codes)
-    raw = np.asarray(codec.compiled.decode(codec.compiled.params, codes.astype(np.int32)))
-    assert raw.shape == ref.shape == (2, 12, 20, 3)
-    err = np.abs(raw - ref).max()
-    print(f"janus decode float32 ({layout} keys) max|d| = {err:.2e} (output std {ref.std():.2f})")
-    assert err < 1e-4
+    check_decode_float32(codec, lambda c: _reference_decode(hf, c), f"janus ({layout} keys)")
 
 
 def test_decoder_bfloat16_within_stated_tolerance(tiny):
     flat, hf = tiny
-    codes = np.random.default_rng(1).integers(0, 64, size=(2, 3, 5))
-    ref = _reference_decode(hf, codes)
     codec = janus_vq.janus_codec(flat, dtype="bfloat16")
-    out = np.asarray(codec.compiled.decode(codec.compiled.params, codes.astype(np.int32)))
-    rel = np.abs(out - ref) / ref.std()
-    print(f"janus decode bfloat16: mean {rel.mean():.2e}, max {rel.max():.2e} of output std")
-    assert rel.mean() < BF16_MEAN_REL and rel.max() < BF16_MAX_REL
+    check_decode_bfloat16(codec, lambda c: _reference_decode(hf, c), "janus")
 
 
 @pytest.mark.parametrize("layout", ["hf", "original"])

@@ -15,19 +15,11 @@ import pytest
 
 from sjd2_jax.decode.engine import DecodeSpec, Sampling, decode, row_keys
 from sjd2_jax.model import transformer as M
-from sjd2_jax.model.config import ModelConfig
 from sjd2_jax.sjd2.schedule import NoiseConfig
 
-CFG = ModelConfig(
-    family="chameleon",
-    vocab_size=64,
-    hidden_size=32,
-    num_layers=2,
-    num_heads=2,
-    num_kv_heads=2,
-    intermediate_size=48,
-    qk_norm=True,
-)
+from helpers import tiny_chameleon_config
+
+CFG = tiny_chameleon_config()
 
 
 def _computations(text: str) -> dict[str, list[str]]:

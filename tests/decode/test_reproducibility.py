@@ -13,21 +13,11 @@ import pytest
 
 import sjd2_jax
 from sjd2_jax.decode.engine import DecodeSpec, Sampling, decode, row_keys
-from sjd2_jax.model.config import ModelConfig
 from sjd2_jax.sjd2.schedule import NoiseConfig
 
-from helpers import numpy_params
+from helpers import numpy_params, tiny_chameleon_config
 
-CFG = ModelConfig(
-    family="chameleon",
-    vocab_size=64,
-    hidden_size=32,
-    num_layers=2,
-    num_heads=2,
-    num_kv_heads=2,
-    intermediate_size=48,
-    qk_norm=True,
-)
+CFG = tiny_chameleon_config()
 N = 20
 SEED = 7
 TARGET = 5  # the target prompt's index in the run
