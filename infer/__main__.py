@@ -111,8 +111,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--compare",
         action="store_true",
-        help="also run the other methods on the same prompts and seeds (their files are prefixed "
-        "with the method name) and print them side by side",
+        help="also run the other methods on the same prompts and seeds, the parallel ones at the "
+        "same window as --method (their files are prefixed with the method name), and print them side by side",
     )
     p.add_argument("--grid-scale", type=int, default=4, help="enlargement of grid.png (default 4)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -384,6 +384,7 @@ def run(args, log=print) -> list[dict]:
     except ValueError as e:
         raise InferError(f"--size {args.size}: {e}" if args.size is not None else str(e)) from None
     methods = [args.method] + ([m for m in METHODS if m != args.method] if args.compare else [])
+    main_window = 1  # the window the first (asked-for) method used; --compare runs the others at it
     B = min(args.batch_size, len(prompts))
     clock = _CompileClock()
     records = []
@@ -395,6 +396,8 @@ def run(args, log=print) -> list[dict]:
             bar.set_description(f"{method} images")
             prefix = "" if method == args.method else f"{method}-"
             opts = _method_options(args) if method == args.method else {}
+            if method != args.method and method != "ar" and main_window > 1:
+                opts["window"] = main_window  # --compare: every parallel method at the same window
             pixels = []
             for b, start in enumerate(range(0, len(prompts), B)):
                 chunk = prompts[start : start + B]
@@ -414,6 +417,8 @@ def run(args, log=print) -> list[dict]:
                     **opts,
                 )
                 compile_s = clock.total - c0
+                if method == args.method:
+                    main_window = g.window
                 dt = max(time.perf_counter() - t0 - compile_s, 0.0) / len(padded)
                 for k, prompt in enumerate(chunk):
                     i = start + k
@@ -429,6 +434,7 @@ def run(args, log=print) -> list[dict]:
                         {
                             "prompt": prompt,
                             "method": method,
+                            "window": int(g.window),
                             "image": name,
                             "tokens": int(g.plan.num_generated),
                             "steps": int(g.steps[k]),

@@ -39,6 +39,7 @@ class Generation:
     accepted: np.ndarray  # int [B, N]: tokens committed at each step (0 once the row is done)
     plan: families.ImagePlan
     method: str
+    window: int  # the decode window W the run used (1 for AR)
     trace_drafts: np.ndarray | None = None  # [T, B, W-1] with trace=T: window drafts per iteration (-1 none)
     trace_done: np.ndarray | None = None  # [T, B]: tokens committed before each traced iteration
     images: np.ndarray | None = None  # uint8 [B, H, W, 3] when the checkpoint has an image codec
@@ -173,6 +174,7 @@ def generate(
         accepted=np.asarray(r.accepted),
         plan=plan,
         method=method,
+        window=spec.window,
         trace_drafts=np.asarray(r.trace_drafts) if spec.trace else None,
         trace_done=np.asarray(r.trace_done) if spec.trace else None,
     )

@@ -74,6 +74,8 @@ def test_infer_writes_pngs_grid_stats_and_manifest(compare_run):
     assert [(s["method"], s["prompt"]) for s in stats] == [
         (m, p) for m in ("sjd2", "ar", "jacobi", "sjd") for p in PROMPTS
     ]
+    # --compare runs every parallel method at the asked method's window (the demo's SJD2: 64).
+    assert {s["method"]: s["window"] for s in stats} == {"sjd2": 64, "ar": 1, "jacobi": 64, "sjd": 64}
     codec = load_codec(sjd2_jax.DEMO_MODEL)
     for s in stats:
         assert {"prompt", "method", "image", "tokens", "steps", "seconds"} <= set(s)
