@@ -5,9 +5,10 @@
 For every method and seed it generates `per_digit` images of each digit from held-out
 phrasings (mnist.HELDOUT_TEMPLATES) and reports:
 - step compression: tokens / forward passes per image (mean, 10/50/90th percentiles);
-- quality: accuracy of a digit classifier (an MLP fit here on the training split's real
-  digits) on the generated images against the digit asked for, and the Frechet distance
-  between the classifier's hidden features of generated and held-out real digits;
+- quality: accuracy of a digit classifier (an RBF support-vector machine fit here on the
+  training split's real digits: 0.966 on the held-out real digits, where a one-hidden-layer
+  MLP scores 0.94) on the generated images against the digit asked for, and the Frechet
+  distance between an MLP's hidden features of generated and held-out real digits;
 - wall-clock seconds per image after compilation, and its ratio to AR in the same run, at the
   evaluation batch size and at batch 1 (--latency-prompts).
 The spread of AR's numbers over seeds is the yardstick for "quality unchanged". A
@@ -38,15 +39,23 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 class DigitClassifier:
-    """A one-hidden-layer MLP on pixels, fit on the training split; its hidden layer gives the features."""
+    """Digit decisions from an RBF support-vector machine on pixels; features from the hidden layer of a
+    one-hidden-layer MLP. Both are fit on the training split only.
+
+    The SVM decides because it is the more accurate of the two on real held-out digits (0.966 vs 0.94
+    for the MLP), so fewer generated digits are scored wrong by the judge's own mistakes.
+    """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, seed: int = 0, hidden: int = 128):
         from sklearn.neural_network import MLPClassifier
+        from sklearn.svm import SVC
 
+        x = self._x(images)
+        self.svm = SVC(C=5.0, gamma="scale").fit(x, labels)
         self.mlp = MLPClassifier(
             hidden_layer_sizes=(hidden,), alpha=1e-3, max_iter=200, early_stopping=True, random_state=seed
         )
-        self.mlp.fit(self._x(images), labels)
+        self.mlp.fit(x, labels)
 
     @staticmethod
     def _x(images) -> np.ndarray:
@@ -55,6 +64,10 @@ class DigitClassifier:
         return x.reshape(len(x), -1)
 
     def predict(self, images) -> np.ndarray:
+        return self.svm.predict(self._x(images))
+
+    def predict_mlp(self, images) -> np.ndarray:
+        """The MLP's decisions: the judge used before the SVM, kept to compare with older results."""
         return self.mlp.predict(self._x(images))
 
     def features(self, images) -> np.ndarray:
@@ -86,6 +99,7 @@ class Judge:
     def score(self, images: np.ndarray, digits: np.ndarray) -> dict:
         return {
             "accuracy": float((self.clf.predict(images) == digits).mean()),
+            "accuracy_mlp": float((self.clf.predict_mlp(images) == digits).mean()),
             "frechet": frechet_distance(self.clf.features(images), self.ref),
         }
 

@@ -78,7 +78,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ar-steps", type=int, default=400)
     p.add_argument("--ar-lr", type=float, default=1e-3)
     p.add_argument("--ar-warmup", type=int, default=50)
-    p.add_argument("--sjd2-steps", type=int, default=60)
+    p.add_argument("--sjd2-steps", type=int, default=300)
     p.add_argument("--sjd2-lr", type=float, default=3e-4)
     p.add_argument("--levels", type=int, default=20)
     p.add_argument("--parametrization", choices=["flow", "vp"], default="flow")
