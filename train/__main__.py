@@ -50,6 +50,15 @@ def _parser() -> argparse.ArgumentParser:
         help="SJD2 noise parametrization (docs/design.md section 1; recorded in the final checkpoint)",
     )
     p.add_argument("--clean-prob", type=float, default=0.1, help="fraction of sequences left fully clean")
+    p.add_argument(
+        "--sjd2-recipe",
+        choices=["segments", "clean-after-noisy", "staircase", "mix"],
+        default="segments",
+        help="--objective sjd2: noise-level layout of training sequences: segments (clean prefix, then segments "
+        "of non-decreasing level), clean-after-noisy (unsorted levels, half the segments clean: the context "
+        "paper-mode decoding keeps), staircase (levels rising toward the end, as the decode window holds them), "
+        "mix (one of the three per sequence); see sjd2_jax/training/batch.py",
+    )
     p.add_argument("--param-dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default="bfloat16")
     p.add_argument(
@@ -168,6 +177,7 @@ def main(argv=None) -> int:
             levels=args.levels,
             parametrization=args.parametrization,
             clean_prob=args.clean_prob,
+            sjd2_recipe=args.sjd2_recipe,
         )
         if args.plan:
             from sjd2_jax.training.plan import plan

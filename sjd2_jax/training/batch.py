@@ -9,6 +9,14 @@ From a (prompt, image tokens) sequence of fixed length T:
 3. noisy positions get mu + sd * (alpha e0 + sigma eps) as input, clean ones E[x];
 4. the K timestep tokens (levels 1..K) are appended, so every output has the
    static length T + K whatever levels were drawn.
+Step 2 is the default recipe, "segments". `TrainBatchConfig.recipe` switches it (issue 14):
+- "clean-after-noisy": the segments' levels are drawn independently (not sorted) and each
+  segment is clean with probability 1/2, so clean tokens follow noisy ones. Paper-mode decoding
+  creates that context: the noisy KV of accepted drafts stays behind later clean positions.
+- "staircase": after the clean prefix, a run of R positions (R uniform in [1, n - P]) whose
+  levels rise evenly from about K/R to K toward its end, as the decode window holds them
+  (front nearly clean, back pure noise); positions after the run are at level K.
+- "mix": each sequence takes one of the three recipes above, uniformly.
 Targets are the next clean token id at every real position; the loss mask keeps
 positions whose target is an image token (so no loss on the prompt, on the last
 position, or on timestep tokens). Only positions marked `noisable` (default:
@@ -31,6 +39,8 @@ from sjd2_jax.sjd2.schedule import NoiseConfig, add_noise
 from sjd2_jax.sjd2.standardize import EmbedStats, standardize, unstandardize
 from sjd2_jax.sjd2.timestep import TIMESTEP_POSITION, timestep_embeddings, timestep_levels
 
+RECIPES = ("segments", "clean-after-noisy", "staircase", "mix")
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainBatchConfig:
@@ -38,8 +48,11 @@ class TrainBatchConfig:
 
     num_segments: int = 4  # noisy segments after the clean prefix (some may be empty)
     clean_prob: float = 0.1  # fraction of sequences left fully clean
+    recipe: str = "segments"  # level layout of a noised sequence (RECIPES; module docstring)
 
     def __post_init__(self):
+        if self.recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")
         if self.num_segments < 1:
             raise ValueError(f"num_segments must be >= 1, got {self.num_segments}")
         if not 0.0 <= self.clean_prob <= 1.0:
@@ -76,6 +89,7 @@ def sample_levels(key: jax.Array, noisable: jax.Array, num_levels: int, cfg: Tra
     """Per-position noise levels int32 [T] for one sequence (0 outside `noisable` [T])."""
     s = cfg.num_segments
     # One uniform draw for every choice: far cheaper to compile than several randint calls.
+    # The "segments" recipe uses exactly these draws (its levels do not change with the switch).
     u = jax.random.uniform(key, (2 * s + 1,))
     noisable = noisable.astype(jnp.bool_)
     n = jnp.sum(noisable, dtype=jnp.int32)
@@ -83,8 +97,23 @@ def sample_levels(key: jax.Array, noisable: jax.Array, num_levels: int, cfg: Tra
     prefix = _uniform_int(u[0], 0, jnp.maximum(n, 1))  # clean image tokens, in [0, n)
     cuts = jnp.sort(_uniform_int(u[1:s], prefix, n + 1))  # s - 1 cut points in [prefix, n]
     seg = jnp.sum(rank[:, None] >= cuts[None, :], axis=-1)  # segment index 0..s-1
-    seg_levels = jnp.sort(_uniform_int(u[s : 2 * s], 1, num_levels + 1))  # non-decreasing
-    level = jnp.where(noisable & (rank >= prefix), seg_levels[seg], 0)
+    drawn = _uniform_int(u[s : 2 * s], 1, num_levels + 1)
+    after_prefix = noisable & (rank >= prefix)
+    layouts = {"segments": jnp.sort(drawn)[seg]}  # non-decreasing along the sequence
+    if cfg.recipe != "segments":
+        v = jax.random.uniform(jax.random.fold_in(key, 1), (s + 2,))
+        # Unsorted levels, each segment clean with probability 1/2: clean after noisy.
+        layouts["clean-after-noisy"] = jnp.where(v[:s] < 0.5, 0, drawn)[seg]
+        # A ramp over R positions from the prefix on: level ceil(K (j + 1) / R) at offset j, K past it.
+        run = _uniform_int(v[s], 1, jnp.maximum(n - prefix, 1) + 1)
+        offset = rank - prefix
+        ramp = (num_levels * (offset + 1) + run - 1) // run  # integer ceil
+        layouts["staircase"] = jnp.clip(ramp, 1, num_levels)
+        if cfg.recipe == "mix":
+            pick = _uniform_int(v[s + 1], 0, 3)
+            options = [layouts[r] for r in RECIPES[:3]]
+            layouts["mix"] = jnp.select([pick == i for i in range(3)], options)
+    level = jnp.where(after_prefix, layouts[cfg.recipe], 0)
     clean = u[2 * s] < cfg.clean_prob
     return jnp.where(clean, 0, level).astype(jnp.int32)
 

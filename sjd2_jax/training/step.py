@@ -22,7 +22,7 @@ from sjd2_jax.model.attention import BACKENDS, AttentionConfig
 from sjd2_jax.model.config import ModelConfig
 from sjd2_jax.model.transformer import REMAT_MODES
 from sjd2_jax.sjd2.schedule import NoiseConfig
-from sjd2_jax.training.batch import TrainBatchConfig
+from sjd2_jax.training.batch import RECIPES, TrainBatchConfig
 from sjd2_jax.training.loss import metrics_from_sums, training_loss
 
 
@@ -54,10 +54,13 @@ class TrainConfig:
     parametrization: str = "flow"  # "flow" | "vp" (docs/design.md section 1)
     num_segments: int = 4
     clean_prob: float = 0.1
+    sjd2_recipe: str = "segments"  # level layout of noised sequences (training/batch.py RECIPES)
 
     def __post_init__(self):
         if self.objective not in ("sjd2", "ar"):
             raise ValueError(f"unknown objective {self.objective!r}; choose sjd2 or ar")
+        if self.sjd2_recipe not in RECIPES:
+            raise ValueError(f"unknown sjd2_recipe {self.sjd2_recipe!r}; choose one of {', '.join(RECIPES)}")
         if isinstance(self.remat, bool):
             object.__setattr__(self, "remat", "full" if self.remat else "none")
         if self.remat not in REMAT_MODES:
@@ -89,7 +92,7 @@ class TrainConfig:
     @property
     def batch_cfg(self) -> TrainBatchConfig:
         # AR pretraining = the same sequences with nothing noised.
-        return TrainBatchConfig(self.num_segments, 1.0 if self.objective == "ar" else self.clean_prob)
+        return TrainBatchConfig(self.num_segments, 1.0 if self.objective == "ar" else self.clean_prob, self.sjd2_recipe)
 
 
 @flax.struct.dataclass
