@@ -40,13 +40,18 @@ DEMO_MODEL = Path(__file__).resolve().parent / "demo" / "checkpoint"
 
 
 class Model:
-    """A loaded checkpoint: config, parameters (a pytree, pass it into jit) and metadata."""
+    """A loaded checkpoint: config, parameters (a pytree, pass it into jit) and metadata.
 
-    def __init__(self, config: ModelConfig, params, path: Path | None = None, hf_config: dict | None = None):
+    `mesh` (a jax.sharding.Mesh, or None): the mesh the parameters were placed on by
+    `load(path, mesh=...)`; `generate` then splits its rows over the mesh's data axes.
+    """
+
+    def __init__(self, config: ModelConfig, params, path: Path | None = None, hf_config: dict | None = None, mesh=None):
         self.config = config
         self.params = params
         self.path = path
         self.hf_config = hf_config or {}
+        self.mesh = mesh
 
     @property
     def codec(self):
@@ -116,13 +121,29 @@ class Model:
         )
 
 
-def load(path, dtype: str | None = None, shardings=None) -> Model:
-    """Load an sjd2-jax checkpoint folder (as written by `python -m convert import`)."""
+def load(path, dtype: str | None = None, shardings=None, mesh=None) -> Model:
+    """Load an sjd2-jax checkpoint folder (as written by `python -m convert import`).
+
+    mesh: a jax.sharding.Mesh with axes data, fsdp, tensor (`sjd2_jax.model.sharding.make_mesh`),
+    or its text form "data=2,tensor=4" (missing axes are 1; the sizes must multiply to the
+    device count). Parameters are placed by the training rules (heads, MLP and vocabulary
+    over tensor, the hidden dimension over fsdp, replicated over data), each restored
+    straight onto its devices; `generate` then splits its rows over data x fsdp. A tensor
+    size that does not divide the attention heads is refused. shardings: an explicit
+    parameter-sharding tree instead (no mesh is recorded; generate runs unsharded rows).
+    """
     path = Path(path)
     cfg = ckpt.read_config(path)
     if dtype is not None:
         cfg = cfg.replace(dtype=dtype)
+    if mesh is not None:
+        from sjd2_jax.decode import placement
+
+        if shardings is not None:
+            raise ValueError("give load() a mesh or shardings, not both")
+        mesh = placement.mesh_from_text(mesh) if isinstance(mesh, str) else mesh
+        shardings = placement.param_shardings(cfg, mesh)
     params = ckpt.load_params(path, cfg, shardings=shardings)
     hf = path / ckpt.HF_CONFIG_FILE
     hf_config = json.loads(hf.read_text()) if hf.is_file() else {}
-    return Model(cfg, params, path=path, hf_config=hf_config)
+    return Model(cfg, params, path=path, hf_config=hf_config, mesh=mesh)

@@ -56,3 +56,44 @@ def numpy_params(cfg, seed):
         return jnp.asarray((1.0 if spec.init == "ones" else 0.0) + scale * noise, cfg.jnp_dtype)
 
     return jax.tree.map(make, M.param_specs(cfg), is_leaf=M.is_spec)
+
+
+def tiny_demo_checkpoint(path, num_heads=4, seed=0, levels=4):
+    """A random two-layer model (hidden 32, `num_heads` heads) with the demo's tokenizer, layout
+    and codec, saved as a checkpoint at `path`: real prompts and images, compiled in seconds.
+    Its SJD2 defaults: `levels` noise levels, window 8."""
+    import json
+    import shutil
+
+    import jax
+
+    import sjd2_jax
+    from sjd2_jax.io import checkpoint as ckpt
+    from sjd2_jax.model.config import ModelConfig
+
+    path = Path(path)
+    path.mkdir(parents=True)
+    demo = Path(sjd2_jax.DEMO_MODEL)
+    for f in demo.iterdir():
+        if f.is_file() and f.name not in (ckpt.CONFIG_FILE, ckpt.GENERATION_FILE):
+            shutil.copy(f, path / f.name)
+    base = ckpt.read_config(demo)
+    cfg = ModelConfig(
+        family=base.family,
+        vocab_size=base.vocab_size,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=num_heads,
+        num_kv_heads=num_heads,
+        intermediate_size=64,
+        qk_norm=True,
+        max_position_embeddings=base.max_position_embeddings,
+    )
+    ckpt.write_config(path, cfg, {"built_by": "tests/helpers.py tiny_demo_checkpoint"})
+    # sharpened random weights: sampled tokens are not near-uniform
+    params = jax.tree.map(lambda x: x * 3.0 if x.ndim == 2 else x, numpy_params(cfg, seed))
+    ckpt.save_params(path / ckpt.PARAMS_DIR, params)
+    defaults = json.loads((demo / ckpt.GENERATION_FILE).read_text())
+    defaults["methods"]["sjd2"].update(levels=levels, window=8, denoise_stride=1)
+    (path / ckpt.GENERATION_FILE).write_text(json.dumps(defaults, indent=2) + "\n")
+    return path

@@ -10,6 +10,7 @@ import numpy as np
 from sjd2_jax import families
 from sjd2_jax.codecs import load_codec
 from sjd2_jax.codecs.base import to_pixels_uint8
+from sjd2_jax.decode import placement
 from sjd2_jax.decode.engine import METHODS, DecodeSpec, Sampling, decode, input_table, row_keys
 from sjd2_jax.decode.options import check_generate_options
 from sjd2_jax.io import checkpoint as ckpt
@@ -110,6 +111,9 @@ def generate(
     B = len(cond)
     if B == 0:
         raise ValueError("no prompts given")
+    mesh = getattr(model, "mesh", None)  # load(path, mesh=...): rows split over the mesh's data axes
+    B_run = placement.padded_rows(B, mesh)  # even split: pad with copies of the last prompt, dropped below
+    cond, uncond = cond + cond[-1:] * (B_run - B), uncond + uncond[-1:] * (B_run - B)
 
     defaults = dict(families.sampling_defaults(plan.family), **saved.get("sampling", {}))
     pick = lambda v, k: defaults[k] if v is None else v
@@ -143,7 +147,7 @@ def generate(
             f"+ {spec.levels} timestep tokens = {need} exceeds the model's "
             f"max_position_embeddings {cfg.max_position_embeddings}"
         )
-    knobs = Sampling.make(B, temperature, top_k, top_p, cfg_scale)
+    knobs = placement.pad_rows(Sampling.make(B, temperature, top_k, top_p, cfg_scale), B_run)
     stats = None
     if method == "sjd2" and spec.noise.stats == "image":
         stats = embedding_stats(input_table(model.params, cfg, spec.head), jnp.asarray(plan.allowed))
@@ -151,14 +155,14 @@ def generate(
         model.params,
         cfg,
         spec,
-        jnp.asarray(_pad(rows, P)),
-        jnp.asarray([len(x) for x in rows], jnp.int32),
-        jnp.asarray(plan.forced),
-        jnp.asarray(plan.allowed),
-        knobs,
-        row_keys(seed, first_index + np.arange(B)),
+        *placement.place_rows(mesh, (jnp.asarray(_pad(rows, P)), jnp.asarray([len(x) for x in rows], jnp.int32))),
+        *placement.place_replicated(mesh, (jnp.asarray(plan.forced), jnp.asarray(plan.allowed))),
+        placement.place_rows(mesh, knobs),
+        placement.place_rows(mesh, row_keys(seed, first_index + np.arange(B_run))),
         stats,
     )
+    if mesh is not None:
+        r = placement.result_rows(r, B)
     gen = np.asarray(r.tokens)
     tokens = np.concatenate([np.broadcast_to(np.asarray(prefix, np.int32), (B, len(prefix))), gen], 1)
     codes = plan.tokens_to_codes(gen)
