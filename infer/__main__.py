@@ -76,6 +76,15 @@ def _parser() -> argparse.ArgumentParser:
         help="random seed (default 0); image i of the run draws from (seed, i) whatever --batch-size",
     )
     p.add_argument("--batch-size", type=int, default=10, help="images decoded together (default 10)")
+    p.add_argument(
+        "--mesh",
+        default=None,
+        metavar="SPEC",
+        help="shard over a device mesh, e.g. data=2,tensor=4 (train's --mesh syntax: axes data, fsdp, tensor, "
+        "sizes multiplying to the device count): rows split over data x fsdp (--batch-size a multiple of it), "
+        "parameters over tensor (it must divide the heads) and fsdp; each host writes its own images "
+        "(default: one device)",
+    )
     p.add_argument("--out", type=Path, default=Path("out/infer"), help="output folder (default out/infer)")
     p.add_argument("--size", type=int, default=None, help="image size in pixels (default: the model's)")
     s = p.add_argument_group("sampling (default: the checkpoint's, else the family's published settings)")
@@ -152,6 +161,20 @@ def _check_args(args) -> None:
         raise InferError(f"--batch-size must be >= 1 (got {args.batch_size})")
     if args.grid_scale < 1:
         raise InferError(f"--grid-scale must be >= 1 (got {args.grid_scale})")
+    if args.mesh is not None:
+        from sjd2_jax.decode.placement import ROW_AXES
+        from sjd2_jax.model.sharding import parse_mesh
+
+        try:
+            sizes = parse_mesh(args.mesh)
+        except ValueError as e:
+            raise InferError(str(e)) from None
+        rows = sizes[ROW_AXES[0]] * sizes[ROW_AXES[1]]
+        if args.batch_size % rows:
+            raise InferError(
+                f"--batch-size {args.batch_size} is not a multiple of the mesh's data x fsdp = {rows} "
+                "(every device decodes the same number of rows)"
+            )
     if not 0 <= args.seed <= MAX_SEED:
         raise InferError(f"--seed must be an integer in [0, {MAX_SEED}] (got {args.seed})")
     if args.size is not None and args.size < 1:
@@ -208,6 +231,22 @@ def _check_model_defaults(args, model_dir) -> None:
         )
     except ValueError as e:
         raise InferError(str(e)) from None
+
+
+def _mesh(args, model_dir):
+    """--mesh as a device mesh (None without it); refused before any work if the devices or
+    the model's heads do not fit it."""
+    if args.mesh is None:
+        return None
+    from sjd2_jax.decode import placement
+    from sjd2_jax.io import checkpoint as ckpt
+
+    try:
+        mesh = placement.mesh_from_text(args.mesh)
+        placement.check_model_mesh(ckpt.read_config(model_dir), mesh)
+    except ValueError as e:
+        raise InferError(f"--mesh {args.mesh}: {e}") from None
+    return mesh
 
 
 def _sha256(path: Path) -> str:
@@ -361,6 +400,7 @@ def run(args, log=print) -> list[dict]:
 
     import sjd2_jax
     from sjd2_jax import families
+    from sjd2_jax.decode import placement
     from sjd2_jax.demo import mnist
     from sjd2_jax.io import checkpoint as ckpt
 
@@ -377,8 +417,9 @@ def run(args, log=print) -> list[dict]:
             "import one with `python -m convert import`"
         )
     _check_model_defaults(args, model_dir)
+    mesh = _mesh(args, model_dir)
     _prepare_out(args.out)
-    model = sjd2_jax.load(model_dir)
+    model = sjd2_jax.load(model_dir, mesh=mesh)
     try:
         families.image_plan(model, args.size)
     except ValueError as e:
@@ -420,7 +461,10 @@ def run(args, log=print) -> list[dict]:
                 if method == args.method:
                     main_window = g.window
                 dt = max(time.perf_counter() - t0 - compile_s, 0.0) / len(padded)
+                mine = set(placement.own_rows(len(padded), mesh).tolist())  # multi-host: this host's rows
                 for k, prompt in enumerate(chunk):
+                    if k not in mine:
+                        continue
                     i = start + k
                     if g.images is not None:  # the checkpoint has an image codec: generate decoded
                         name = f"{prefix}{i:03d}.png"
@@ -452,7 +496,10 @@ def run(args, log=print) -> list[dict]:
         bar.close()
         (tmp / STATS_FILE).write_text(json.dumps(records, indent=2) + "\n")
         write_manifest(tmp)
-    log(summary(records, args.out, device=jax.default_backend()))
+    if records:
+        log(summary(records, args.out, device=jax.default_backend()))
+    else:  # multi-host, tensor axis across hosts: another host holds (and writes) every row
+        log(f"process {jax.process_index()}: the other hosts wrote every image of this run")
     return records
 
 
