@@ -57,6 +57,9 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh):
         raise ValueError(
             f"mesh axes {tuple(mesh.axis_names)}: expected {SH.AXES} (build it with sjd2_jax.model.sharding.make_mesh)"
         )
+    if any(t != jax.sharding.AxisType.Auto for t in mesh.axis_types):
+        # jax.make_mesh's default Explicit axes put shardings into the types; the decode loop relies on propagation
+        raise ValueError(f"mesh axis types {mesh.axis_types}: expected Auto axes (sjd2_jax.model.sharding.make_mesh)")
     check_model_mesh(cfg, mesh)
     return SH.param_shardings(cfg, mesh)
 

@@ -97,5 +97,7 @@ def test_bad_meshes_are_refused(checkpoint):
         sjd2_jax.load(checkpoint, mesh="model=2")
     with pytest.raises(ValueError, match="mesh axes"):
         sjd2_jax.load(checkpoint, mesh=jax.make_mesh((8,), ("batch",)))
+    with pytest.raises(ValueError, match="expected Auto axes"):
+        sjd2_jax.load(checkpoint, mesh=jax.make_mesh((2, 1, 4), SH.AXES))  # jax 0.10 default: Explicit axes
     with pytest.raises(ValueError, match="mesh or shardings, not both"):
         sjd2_jax.load(checkpoint, mesh="data=8", shardings={})
