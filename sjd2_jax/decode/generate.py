@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +16,7 @@ from sjd2_jax.decode.engine import METHODS, DecodeSpec, Sampling, decode, input_
 from sjd2_jax.decode.options import check_generate_options
 from sjd2_jax.io import checkpoint as ckpt
 from sjd2_jax.sjd2.schedule import NoiseConfig
-from sjd2_jax.sjd2.standardize import embedding_stats
+from sjd2_jax.sjd2.standardize import EmbedStats, embedding_stats
 
 DEFAULT_WINDOW = {"ar": 1, "jacobi": 16, "sjd": 16, "sjd2": 32}
 NOISE_OPTIONS = {
@@ -29,6 +30,7 @@ NOISE_OPTIONS = {
     "pure_noise_top": "pure_noise_top",
     "denoise_stride": "denoise_stride",
 }
+SPEC_OPTIONS = ("window", "exact", "trace", "clean_switch_level", "coupled_refresh")
 PROMPT_BUCKET = 64  # prompts are padded to a multiple of this, so lengths share compilations
 
 
@@ -49,6 +51,23 @@ class Generation:
     def step_compression(self) -> np.ndarray:
         """Tokens the loop generated per forward pass, per row."""
         return self.plan.num_generated / np.maximum(self.steps, 1)
+
+
+def recorded_noise_stats(path) -> EmbedStats | None:
+    """The noise-space statistics an SJD2 fine-tune trained with (frozen from its pretrained table,
+    recorded in its checkpoint), or None: decoding then computes them from the model's own table.
+    An SJD2 fine-tune written before they were recorded gets a one-line warning, as its noisy
+    inputs and timestep tokens are then shifted a little from what it trained on."""
+    recorded = ckpt.read_noise_stats(path)
+    if recorded is not None:
+        return EmbedStats(jnp.asarray(recorded[0]), jnp.asarray(recorded[1]))
+    if path is not None and ckpt.read_meta(path).get("source", {}).get("objective") == "sjd2":
+        warnings.warn(
+            f"{path} is an SJD2 fine-tune without recorded noise statistics ({ckpt.NOISE_STATS_FILE}); "
+            "using statistics of its own embedding table",
+            stacklevel=3,
+        )
+    return None
 
 
 def _pad(rows: list[list[int]], length: int) -> np.ndarray:
@@ -81,7 +100,9 @@ def generate(
     exact vs paper mode), sigma_min, sigma_max, rho, parametrization ("flow" | "vp"),
     e0_hat ("sample" | "mean"), stats ("all" | "image"), pure_noise_top, denoise_stride
     (levels per denoise step); trace=T records the window drafts of the first T iterations
-    (Generation.trace_drafts / trace_done, for trajectory plots).
+    (Generation.trace_drafts / trace_done, for trajectory plots); the lossless switches
+    clean_switch_level (SJD2) and coupled_refresh (SJD, SJD2), see DecodeSpec. SJD2 uses the
+    noise statistics the checkpoint records (`recorded_noise_stats`) when it has them.
     Randomness: prompts[k] is image first_index + k of the run, and every random draw
     for it comes from its own key, fold_in(key(seed), first_index + k). So the same
     prompt, seed and run index give the same image whatever the batch size and whatever
@@ -99,9 +120,9 @@ def generate(
     saved = ckpt.generation_defaults(getattr(model, "path", None))
     method_options = check_generate_options(method, saved, method_options, (temperature, top_k, top_p, cfg_scale))
     method_options = {**saved.get("methods", {}).get(method, {}), **method_options}
-    unknown = sorted(set(method_options) - {"window", "exact", "trace"} - set(NOISE_OPTIONS))
+    unknown = sorted(set(method_options) - set(SPEC_OPTIONS) - set(NOISE_OPTIONS))
     if unknown:
-        raise ValueError(f"unknown method options {unknown}; known: window, exact, trace, {', '.join(NOISE_OPTIONS)}")
+        raise ValueError(f"unknown method options {unknown}; known: {', '.join((*SPEC_OPTIONS, *NOISE_OPTIONS))}")
     cfg = model.config
     plan = families.image_plan(model, size)
     cond, uncond = families.prompt_ids(model, prompts, plan)
@@ -133,6 +154,8 @@ def generate(
             exact=bool(method_options.get("exact", True)),
             noise=NoiseConfig(**noise_kw),
             trace=int(method_options.get("trace", 0)),
+            clean_switch_level=int(method_options.get("clean_switch_level", 0)),
+            coupled_refresh=bool(method_options.get("coupled_refresh", False)),
         )
     except TypeError as e:
         raise ValueError(str(e)) from None
@@ -148,8 +171,8 @@ def generate(
             f"max_position_embeddings {cfg.max_position_embeddings}"
         )
     knobs = placement.pad_rows(Sampling.make(B, temperature, top_k, top_p, cfg_scale), B_run)
-    stats = None
-    if method == "sjd2" and spec.noise.stats == "image":
+    stats = recorded_noise_stats(getattr(model, "path", None)) if method == "sjd2" else None
+    if stats is None and method == "sjd2" and spec.noise.stats == "image":
         stats = embedding_stats(input_table(model.params, cfg, spec.head), jnp.asarray(plan.allowed))
     r = decode(
         model.params,

@@ -6,6 +6,9 @@
       params/            orbax pytree checkpoint of the parameter tree (model.param_specs layout)
       aside.safetensors  source tensors kept verbatim but not used by the model (e.g. VQ encoder)
       tokenizer files    copied from the source when present
+      sjd2_noise_stats.safetensors  (SJD2 fine-tunes) the embedding statistics the fine-tune noised
+                         with: "mean" and "std" float32 [D], and in the file's metadata the noise
+                         schedule it trained with (JSON under "schedule") and the rows they cover
 
 Parameters are written one tensor at a time (orbax partial saves, then finalize), so
 writing never holds more than one tensor in host memory.
@@ -39,6 +42,7 @@ HF_CONFIG_FILE = "hf_config.json"
 PARAMS_DIR = "params"
 ASIDE_FILE = "aside.safetensors"
 GENERATION_FILE = "sjd2_generation.json"  # optional generation defaults (see generation_defaults)
+NOISE_STATS_FILE = "sjd2_noise_stats.safetensors"  # SJD2 fine-tunes: the frozen noise-space statistics
 # Files a checkpoint may carry beside its parameters that travel with it through fine-tuning.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
@@ -258,6 +262,37 @@ def generation_defaults(ckpt_dir) -> dict:
 
 def write_generation_defaults(ckpt_dir, defaults: dict) -> None:
     (Path(ckpt_dir) / GENERATION_FILE).write_text(json.dumps(defaults, indent=2, sort_keys=True) + "\n")
+
+
+def write_noise_stats(ckpt_dir, mean, std, schedule: dict, rows: str = "all") -> None:
+    """Record the SJD2 noise-space statistics a fine-tune trained with (they were frozen from the
+    pretrained table; decoding must use the same ones, not recompute them from the tuned table).
+    `schedule`: the NoiseConfig options it trained with; `rows`: which table rows they cover."""
+    from safetensors.numpy import save_file
+
+    arrays = {"mean": np.asarray(mean, np.float32).reshape(-1), "std": np.asarray(std, np.float32).reshape(-1)}
+    meta = {"schedule": json.dumps(schedule, sort_keys=True), "rows": rows}
+    save_file(arrays, str(Path(ckpt_dir) / NOISE_STATS_FILE), metadata=meta)
+
+
+def read_noise_stats(ckpt_dir) -> tuple[np.ndarray, np.ndarray, dict] | None:
+    """(mean [D], std [D], metadata with "schedule" parsed) from write_noise_stats, or None when
+    the checkpoint records none (AR checkpoints and SJD2 fine-tunes from before the file existed)."""
+    if ckpt_dir is None or not (Path(ckpt_dir) / NOISE_STATS_FILE).is_file():
+        return None
+    from safetensors import safe_open
+
+    f = Path(ckpt_dir) / NOISE_STATS_FILE
+    try:
+        with safe_open(str(f), framework="np") as h:
+            meta = dict(h.metadata() or {})
+            mean, std = h.get_tensor("mean"), h.get_tensor("std")
+        meta["schedule"] = json.loads(meta.get("schedule", "{}"))
+    except Exception as e:  # a damaged or foreign file: name it
+        raise CheckpointError(f"{f}: cannot read the SJD2 noise statistics ({type(e).__name__}: {e})") from None
+    if mean.ndim != 1 or mean.shape != std.shape or not (np.isfinite(mean).all() and (std > 0).all()):
+        raise CheckpointError(f"{f}: expected finite mean and positive std of one shape [D]")
+    return mean, std, meta
 
 
 def copy_files(src, dst, names) -> list[str]:

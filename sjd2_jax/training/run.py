@@ -22,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from sjd2_jax.codecs import codec_files
+from sjd2_jax.decode.options import SCHEDULE_OPTIONS
 from sjd2_jax.io import checkpoint as ckpt
 from sjd2_jax.model import sharding as SH
 from sjd2_jax.training import checksums
@@ -31,6 +32,7 @@ from sjd2_jax.training.step import TrainConfig, TrainError, TrainState, build_st
 
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
+NOISE_STATS_ROWS = "all"  # loss.noise_stats covers every row of the noised input table
 FINAL = "final"
 RUN_RECORD = "run.json"  # the TrainConfig a run started with (its learning-rate schedule)
 # Settings a resumed run may change; every other TrainConfig field must match the record.
@@ -294,8 +296,11 @@ def _schedule_config(run_dir: Path, tc: TrainConfig, resuming: bool, log) -> Tra
     return tc
 
 
-def write_final(run_dir: Path, model_dir: Path, cfg, params, tc: TrainConfig) -> Path:
-    """The result as an sjd2-jax checkpoint folder that `load` and `convert export` accept."""
+def write_final(run_dir: Path, model_dir: Path, cfg, params, tc: TrainConfig, stats=None) -> Path:
+    """The result as an sjd2-jax checkpoint folder that `load` and `convert export` accept.
+
+    stats: with the SJD2 objective, the frozen noise-space statistics the run trained with;
+    they go into the checkpoint (ckpt.NOISE_STATS_FILE) so decoding uses them."""
     out = run_dir / FINAL
     host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
     with ckpt.atomic_output_dir(out, replace=True) as tmp:  # a rerun's final/ replaces the old one
@@ -330,6 +335,10 @@ def write_final(run_dir: Path, model_dir: Path, cfg, params, tc: TrainConfig) ->
             )
             gen["methods"] = dict(gen.get("methods", {}), sjd2=sjd2)
             ckpt.write_generation_defaults(tmp, gen)
+            if stats is not None:
+                schedule = {k: v for k, v in sjd2.items() if k in SCHEDULE_OPTIONS}
+                host_stats = jax.device_get(stats)
+                ckpt.write_noise_stats(tmp, host_stats.mean, host_stats.std, schedule, rows=NOISE_STATS_ROWS)
     return out
 
 
@@ -502,7 +511,7 @@ def run(
             mngr.close()
     result = {"step": step, "last_checkpoint": last_saved, "stopped_by_signal": stop["signal"] is not None}
     if step >= tc.steps and jax.process_index() == 0:
-        result["final"] = str(write_final(run_dir, model_dir, cfg, state.params, tc))
+        result["final"] = str(write_final(run_dir, model_dir, cfg, state.params, tc, stats=stats))
     return result
 
 
