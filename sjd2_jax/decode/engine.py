@@ -69,6 +69,15 @@ class DecodeSpec:
     # at one fixed position), so compute them once at prefill into the cache's last K slots and
     # feed only the W window inputs per pass. False: feed them with every pass (the reference).
     cache_timesteps: bool = True
+    # Lossless switches (docs/design.md, "Lossless switches"); both off by default.
+    # clean_switch_level: an SJD2 position whose level falls to this value or below (after its
+    # denoise step) is fed its draft's clean embedding from then on and counts as clean for
+    # verification; its q stays the one its draft was drawn from. 0 = off.
+    clean_switch_level: int = 0
+    # coupled_refresh (SJD, SJD2): when the window slides, a surviving position keeps its draft
+    # with probability min(1, q_new(d) / q_old(d)), else draws from normalize(max(q_new - q_old, 0)):
+    # the new draft is still distributed as q_new, but changes only where q changed.
+    coupled_refresh: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -85,6 +94,10 @@ class DecodeSpec:
             raise ValueError(f"unknown head {self.head!r}")
         if self.guidance_mode not in ("logits", "log_softmax"):
             raise ValueError(f"unknown guidance_mode {self.guidance_mode!r}")
+        if self.clean_switch_level < 0 or (self.clean_switch_level and self.method != "sjd2"):
+            raise ValueError(f"clean_switch_level must be >= 0 and needs method sjd2 (got {self.clean_switch_level})")
+        if self.coupled_refresh and self.method not in ("sjd", "sjd2"):
+            raise ValueError(f"coupled_refresh needs method sjd or sjd2 (got {self.method})")
 
     @property
     def levels(self) -> int:
@@ -438,11 +451,32 @@ def commit(ctx: Context, s: DecodeState, cache: KVCache, tokens: jax.Array, coun
     )
 
 
+def coupled_drafts(window: Window, old, survives, q_new, y, keys) -> jax.Array:
+    """Coupled draft refresh: the drafts [B, W-1] of the slid window, each distributed as q_new.
+
+    A surviving position (`survives`, previously at window index `old`) with a draft d ~ q_old
+    keeps it with probability min(1, q_new(d) / q_old(d)) and otherwise draws from
+    normalize(max(q_new - q_old, 0)): P(d' = x) = min(q_old, q_new)(x) + max(q_new - q_old, 0)(x)
+    = q_new(x), so verification against q_new is unchanged. Other positions take y ~ q_new.
+    The draws use keys folded from `keys`, so the other random streams stay as without it.
+    """
+    d_old, q_old = _gather(window.drafts, old), _gather(window.q, old)
+    had = survives & _gather(window.has_draft, old)
+    at_d = lambda dist: jnp.take_along_axis(dist, d_old[..., None], -1)[..., 0]
+    k_keep, k_redraw = _split_rows(jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys), 2)
+    u = jax.vmap(lambda k: jax.random.uniform(k, d_old.shape[1:]))(k_keep)
+    keep = had & (u * at_d(q_old) < at_d(q_new))
+    redraw = S.sample_rows(k_redraw, S.residual(q_new, q_old))
+    return jnp.where(keep, d_old, jnp.where(had, redraw, y))
+
+
 def slide(ctx: Context, window: Window, p, y, count, n_done, keys) -> Window:
     """Method step 5: shift the window past the `count` committed tokens.
 
     New position i takes the pass's sample y_{count+i-1} as its draft (q = p_{count+i-1});
-    an SJD2 position that survives also takes one denoise step toward that prediction;
+    with `coupled_refresh` a surviving position may keep its old draft instead
+    (`coupled_drafts`). An SJD2 position that survives also takes one denoise step toward
+    its draft, and with `clean_switch_level` turns clean once its level falls that low;
     positions beyond the pass are fresh. Structure tokens are then forced (step 6).
     """
     spec, W = ctx.spec, ctx.spec.window
@@ -452,17 +486,21 @@ def slide(ctx: Context, window: Window, p, y, count, n_done, keys) -> Window:
     from_pass = source <= W - 1
     drafts = _gather(y, jnp.minimum(source, W - 1))
     q = _gather(p, jnp.minimum(source, W - 1))
+    survives = source <= W - 2  # was a position 1..W-1 of this pass
+    old = jnp.minimum(source, W - 2)
+    if spec.coupled_refresh:
+        drafts = coupled_drafts(window, old, survives, q, drafts, keys)
     fresh = fresh_positions(ctx, keys)
     z, level = window.z, window.level
     if spec.method == "sjd2":
-        survives = source <= W - 2  # was a position 1..W-1 of this pass
-        old = jnp.minimum(source, W - 2)
         if spec.noise.e0_hat == "sample":
             e0_hat = predict_e0(spec.noise, ctx.table, ctx.stats, tokens=drafts)
         else:
             e0_hat = predict_e0(spec.noise, ctx.table, ctx.stats, probs=q)
         z, level = denoise_step(_gather(window.z, old), _gather(window.level, old), e0_hat, spec.noise)
         z, level = jnp.where(survives[..., None], z, fresh.z), jnp.where(survives, level, fresh.level)
+        if spec.clean_switch_level:  # input E[draft] from now on; q stays the draft's own
+            level = jnp.where(survives & (level > 0) & (level <= spec.clean_switch_level), 0, level)
     slid = Window(
         drafts=jnp.where(from_pass, drafts, fresh.drafts),
         has_draft=from_pass | fresh.has_draft,
