@@ -1,190 +1,186 @@
-"""Engine overhead: one SJD2 decode-loop iteration against one plain forward of the same inputs.
+"""Engine overhead: one SJD2 decode-loop iteration against one plain forward pass of the same inputs.
 
-    python -m benchmarks.engine_overhead [--repeat 3] [--json benchmarks/results/engine_overhead.json]
+    python -m benchmarks.engine_overhead [--repeat 3] [--batches 1 8] [--configs demo family family-no-topk]
+        [--json benchmarks/results/engine_overhead.json]
 
-Both sides run inside compiled `lax.while_loop`s, so neither pays a per-call dispatch or a
-cache copy that the other does not:
-- SJD2: the public `sjd2_jax.decode.engine.decode` for N tokens, minus the same call for one
-  token (prefill + one iteration), divided by (iterations - 1);
-- plain: a jitted while_loop of M.forward over the same W + K input rows (2B with CFG)
-  against a KV cache of the same capacity, plus the LM head over the W window outputs,
-  advancing the cache like the decode loop; n iterations minus one iteration, divided by n - 1.
+Both sides run inside compiled `lax.while_loop`s and are timed the same way, so neither pays a
+dispatch, a host transfer or a cache copy that the other does not:
+- SJD2: the public `sjd2_jax.decode.engine.decode` (as `generate` calls it: classifier-free
+  guidance, the image plan's forced tokens and allowed columns) for n_lo and for n_hi tokens;
+  seconds per iteration = (t(n_hi) - t(n_lo)) / (iterations(n_hi) - iterations(n_lo)).
+- plain: a jitted while_loop of `M.forward` over the same 2B rows of W inputs (the timestep
+  tokens sit in the cache, as in the engine, and noisy positions see their slot) against a KV
+  cache of the same capacity, then the output head over the W outputs (over the allowed
+  columns only when the engine does that too), the cache advancing by the same tokens per
+  iteration as the SJD2 run; run for the same two capacities and iteration counts and
+  differenced the same way.
 The ratio is what SJD2's bookkeeping (guidance mix, logits processing incl. top-k, sampling,
-verification, window slide) costs on top of the forward pass it needs anyway.
+verification, window slide, denoise step) costs on top of the forward pass it needs anyway.
 
-Configurations: the bundled demo model with its defaults (CFG on, top-k off, W and K from
-its sjd2_generation.json) and the Lumina-mGPT family defaults (top-k 2000, CFG 3) on a
-random-weight Chameleon model with a 16384-token vocabulary. Timings are minima over
---repeat runs; ratios, not absolute times, are the result.
+Configurations: the bundled demo model with its defaults (CFG on, top-k off, W and K from its
+sjd2_generation.json); the Lumina-mGPT family defaults (top-k 2000, CFG 3) on a small random
+Chameleon model with Lumina's real 65536-token vocabulary and 8192 image-code columns; the same
+with top-k off (isolates top-k's cost). Timings are minima over --repeat runs; ratios, not
+absolute times, are the result.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sjd2_jax.decode.engine import DecodeSpec, Sampling, decode, row_keys
+from benchmarks import accelerator_bench as AB
+from sjd2_jax.decode import engine as E
 from sjd2_jax.model import transformer as M
 from sjd2_jax.model.cache import KVCache
+from sjd2_jax.model.config import ModelConfig
 from sjd2_jax.sjd2.masks import window_masks, window_positions
-from sjd2_jax.sjd2.schedule import NoiseConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _best(fn, repeat: int) -> float:
+def _best(fn, repeat: int, clock: str) -> float:
+    now = AB.CLOCKS[clock]
     fn()  # compile and warm up
     times = []
     for _ in range(repeat):
-        t = time.perf_counter()
+        t = now()
         fn()
-        times.append(time.perf_counter() - t)
+        times.append(now() - t)
     return min(times)
 
 
-def sjd2_iteration(params, cfg, *, batch, window, levels, num_tokens, prompt_len, knobs, guidance, repeat):
-    """Seconds per SJD2 loop iteration and the iteration count, from two decode calls."""
-    R = 2 * batch if guidance else batch
-    rng = np.random.default_rng(0)
-    prompts = jnp.asarray(rng.integers(3, cfg.vocab_size, (R, prompt_len)), jnp.int32)
-    lens = jnp.full((R,), prompt_len, jnp.int32)
-    allowed = jnp.ones((cfg.vocab_size,), bool)
-    keys = row_keys(0, range(batch))
-    out = {}
+def plain_inputs(cfg: ModelConfig, rows: int, window: int, levels: int, capacity: int):
+    """The pass inputs the engine feeds with cached timestep tokens: W embeddings per row.
 
-    def run(n):
-        spec = DecodeSpec(
-            method="sjd2", window=window, num_tokens=n, guidance=guidance, noise=NoiseConfig(num_levels=levels)
-        )
-        forced = jnp.full((n,), -1, jnp.int32)
-        r = decode(params, cfg, spec, prompts, lens, forced, allowed, knobs, keys)
-        out[n] = int(np.asarray(r.steps).max())
-        return r.tokens.block_until_ready()
-
-    t_full = _best(lambda: run(num_tokens), repeat)
-    t_one = _best(lambda: run(1), repeat)
-    iters = out[num_tokens]
-    return (t_full - t_one) / max(iters - 1, 1), iters
-
-
-def plain_iteration(params, cfg, *, batch, window, levels, num_tokens, prompt_len, guidance, iterations, repeat):
-    """Seconds per iteration of a while_loop doing only the forward pass over the same inputs."""
-    R = 2 * batch if guidance else batch
-    T = window + levels
-    capacity = prompt_len + num_tokens + window + levels  # what decode allocates
+    Window position 0 is clean, the others a mix of noise levels as mid-decode; a noisy
+    position sees its level's timestep slot at the end of the cache (capacity - K + level - 1).
+    Returns (embeds [R, W, D], level [R, W], mask [R, W, W], sees_cache [R, W], cache_visible [R, W, S]).
+    """
     level = jnp.concatenate(
-        [jnp.zeros((R, 1), jnp.int32), jnp.broadcast_to(jnp.arange(window - 1) % (levels + 1), (R, window - 1))], 1
-    )  # a mix of clean and noisy window positions, as mid-decode
-    mask, sees = window_masks(level, levels)
-    embeds = jax.random.normal(jax.random.key(0), (R, T, cfg.hidden_size)).astype(cfg.jnp_dtype)
-    commit = max(1, num_tokens // max(iterations, 1))
-    base = KVCache.create(cfg, R, capacity).with_lengths(jnp.full((R,), prompt_len, jnp.int32))
+        [jnp.zeros((rows, 1), jnp.int32), jnp.broadcast_to(jnp.arange(window - 1) % (levels + 1), (rows, window - 1))],
+        1,
+    )
+    mask, sees = window_masks(level, 0)
+    own_slot = capacity - levels + level - 1
+    visible = (level > 0)[..., None] & (jnp.arange(capacity)[None, None] == own_slot[..., None])
+    embeds = jax.random.normal(jax.random.key(1), (rows, window, cfg.hidden_size)).astype(cfg.jnp_dtype)
+    return embeds, level, mask, sees, visible
+
+
+def plain_loop(params, cfg: ModelConfig, *, rows, window, levels, capacity, start, tokens_per_iteration, columns):
+    """A jitted fn(iterations) running forward + head `iterations` times inside one while_loop."""
+    embeds, _, mask, sees, visible = plain_inputs(cfg, rows, window, levels, capacity)
+    head = params
+    if columns is not None and hasattr(E, "column_head"):  # the engine cuts the head once, outside its loop
+        head = E.column_head(params, cfg, "lm", jnp.asarray(columns))
+    cache = KVCache.create(cfg, rows, capacity).with_lengths(jnp.full((rows,), start, jnp.int32))
 
     @jax.jit
-    def loop(params, cache, n):
+    def loop(params, head, cache, n):
         def body(carry):
             i, cache, acc = carry
-            pos = window_positions(cache.lengths, window, levels)
-            h, new = M.forward(params, cfg, embeds, pos, mask=mask, cache=cache, sees_cache=sees)
-            logits = M.lm_logits(params, cfg, h[:, :window])
-            lengths = jnp.minimum(cache.lengths + commit, capacity - T)
+            pos = window_positions(cache.lengths, window, 0)
+            h, new = M.forward(params, cfg, embeds, pos, mask=mask, cache=cache, sees_cache=sees, cache_visible=visible)
+            logits = M.lm_logits(head, cfg, h[:, :window])
+            # commit as many tokens per iteration, on average, as the SJD2 run did
+            step = jnp.floor((i + 1) * tokens_per_iteration) - jnp.floor(i * tokens_per_iteration)
+            lengths = jnp.minimum(new.lengths + step.astype(jnp.int32), capacity - window - levels)
             return i + 1, new.with_lengths(lengths), acc + logits[:, -1, 0].sum()
 
         return jax.lax.while_loop(lambda c: c[0] < n, body, (jnp.int32(0), cache, jnp.float32(0)))[2]
 
-    t_n = _best(lambda: loop(params, base, jnp.int32(iterations)).block_until_ready(), repeat)
-    t_1 = _best(lambda: loop(params, base, jnp.int32(1)).block_until_ready(), repeat)
-    return (t_n - t_1) / max(iterations - 1, 1)
+    return lambda n: loop(params, head, cache, jnp.int32(n)).block_until_ready()
 
 
-def measure(name, params, cfg, *, batch, window, levels, num_tokens, prompt_len, sampling, repeat) -> dict:
-    guidance = float(sampling["cfg_scale"]) != 1.0
-    knobs = Sampling.make(batch, **sampling)
-    per_iter, iters = sjd2_iteration(
-        params,
-        cfg,
-        batch=batch,
-        window=window,
-        levels=levels,
-        num_tokens=num_tokens,
-        prompt_len=prompt_len,
-        knobs=knobs,
-        guidance=guidance,
-        repeat=repeat,
-    )
-    fwd = plain_iteration(
-        params,
-        cfg,
-        batch=batch,
-        window=window,
-        levels=levels,
-        num_tokens=num_tokens,
-        prompt_len=prompt_len,
-        guidance=guidance,
-        iterations=iters,
-        repeat=repeat,
-    )
-    row = {
+def measure(name, preset: AB.Preset, params, *, batch, window, n_lo, n_hi, prompt_len, repeat, clock) -> dict:
+    cfg, K = preset.cfg, preset.levels
+    runs = []
+    for n in (n_lo, n_hi):
+        case = AB.Case("sjd2", window, batch, n, prompt_len)
+        seconds, iters = AB.run_case(preset, case, params, repeat, clock)
+        _, kwargs = AB.decode_args(preset, case, params)
+        runs.append((n, seconds, iters, kwargs.get("columns")))
+    (_, t_lo, i_lo, _), (_, t_hi, i_hi, columns) = runs
+    per_iter = (t_hi - t_lo) / max(i_hi - i_lo, 1)
+    plain = []
+    for n, _, iters, cols in runs:
+        loop = plain_loop(
+            params,
+            cfg,
+            rows=2 * batch,
+            window=window,
+            levels=K,
+            capacity=prompt_len + n + window + K,  # what decode allocates for n tokens
+            start=prompt_len - 1,
+            tokens_per_iteration=n / max(iters, 1),
+            columns=cols,
+        )
+        plain.append(_best(lambda loop=loop, iters=iters: loop(iters), repeat, clock))
+    fwd = (plain[1] - plain[0]) / max(i_hi - i_lo, 1)
+    row: dict[str, Any] = {
         "config": name,
         "batch": batch,
         "window": window,
-        "levels": levels,
-        "num_tokens": num_tokens,
-        "sampling": sampling,
+        "levels": K,
+        "num_tokens": [n_lo, n_hi],
+        "iterations": [i_lo, i_hi],
+        "sampling": preset.sampling,
+        "columns": None if columns is None else int(np.asarray(columns).shape[0]),
         "model": {"layers": cfg.num_layers, "hidden": cfg.hidden_size, "vocab": cfg.vocab_size},
-        "iterations": iters,
         "sjd2_iteration_s": per_iter,
         "plain_forward_s": fwd,
         "ratio": per_iter / fwd,
     }
     print(
-        f"{name:<34} B={batch:<3} W={window} K={levels}: SJD2 iteration {per_iter * 1e3:.2f} ms, "
-        f"plain forward {fwd * 1e3:.2f} ms -> {row['ratio']:.2f}x ({iters} iterations)",
+        f"{name:<40} B={batch:<3} W={window} K={K}: SJD2 iteration {per_iter * 1e3:.2f} ms, "
+        f"plain forward {fwd * 1e3:.2f} ms -> {row['ratio']:.2f}x (iterations {i_lo} -> {i_hi})",
         flush=True,
     )
     return row
 
 
-def demo_rows(batches, repeat) -> list[dict]:
+def demo_rows(batches, repeat, clock="wall") -> list[dict]:
     import sjd2_jax
-    from sjd2_jax.io import checkpoint as ckpt
 
     model = sjd2_jax.load(sjd2_jax.DEMO_MODEL)
-    gen = ckpt.generation_defaults(sjd2_jax.DEMO_MODEL)
-    sjd2 = gen.get("methods", {}).get("sjd2", {})
-    sampling = {k: gen["sampling"][k] for k in ("temperature", "top_k", "top_p", "cfg_scale")}
-    from sjd2_jax import families
+    base = AB.load_preset("demo")  # plan, sampling defaults and K of the demo checkpoint
+    preset = AB.Preset("demo", model.config, base.plan, base.sampling, base.levels, "demo")
+    from sjd2_jax.io import checkpoint as ckpt
 
-    plan_tokens = families.image_plan(model, None).num_generated  # codes + end-of-line + end marks
+    window = int(ckpt.generation_defaults(sjd2_jax.DEMO_MODEL).get("methods", {}).get("sjd2", {}).get("window", 64))
+    N = preset.plan.num_generated
     return [
         measure(
             "demo model (CFG on, top-k off)",
+            preset,
             model.params,
-            model.config,
             batch=b,
-            window=int(sjd2.get("window", 64)),
-            levels=int(sjd2.get("levels", 20)),
-            num_tokens=plan_tokens,
+            window=window,
+            n_lo=N // 4,
+            n_hi=N,
             prompt_len=32,
-            sampling=sampling,
             repeat=repeat,
+            clock=clock,
         )
         for b in batches
     ]
 
 
-def family_rows(batches, repeat, top_k: int = 2000) -> list[dict]:
-    from sjd2_jax.model.config import ModelConfig
-
+def family_preset(top_k: int, grid: int = 12) -> tuple[AB.Preset, Any]:
+    """A small Chameleon model with Lumina-mGPT's real vocabulary and image columns, random weights."""
     cfg = ModelConfig(
         family="chameleon",
-        vocab_size=16384,
+        vocab_size=65536,
         hidden_size=256,
         num_layers=4,
         num_heads=4,
@@ -194,20 +190,18 @@ def family_rows(batches, repeat, top_k: int = 2000) -> list[dict]:
         max_position_embeddings=1024,
     )
     params = M.init_params(cfg, jax.random.key(0), std=0.02)
-    sampling = dict(temperature=1.0, top_k=top_k, top_p=1.0, cfg_scale=3.0)  # Lumina-mGPT's published settings
+    layout = dataclasses.replace(AB.FAMILY_LAYOUT["chameleon"], height=grid, width=grid)
+    sampling = dict(temperature=1.0, top_k=float(top_k), top_p=1.0, cfg_scale=3.0)  # Lumina-mGPT's published ones
+    return AB.Preset("lumina-small", cfg, AB.synthetic_plan(cfg, layout), sampling, 20, "photo"), params
+
+
+def family_rows(batches, repeat, top_k: int = 2000, clock="wall") -> list[dict]:
+    preset, params = family_preset(top_k)
     name = f"Lumina family defaults (top-k {top_k}, CFG 3)" if top_k else "Lumina family model, top-k off (CFG 3)"
+    N = preset.plan.num_generated
     return [
         measure(
-            name,
-            params,
-            cfg,
-            batch=b,
-            window=32,
-            levels=20,
-            num_tokens=160,
-            prompt_len=32,
-            sampling=sampling,
-            repeat=repeat,
+            name, preset, params, batch=b, window=32, n_lo=N // 4, n_hi=N, prompt_len=32, repeat=repeat, clock=clock
         )
         for b in batches
     ]
@@ -228,17 +222,25 @@ def main(argv=None) -> int:
         default=["demo", "family", "family-no-topk"],
         help="family-no-topk: the family model with top-k off, which isolates the cost of top-k",
     )
+    p.add_argument("--clock", choices=sorted(AB.CLOCKS), default="wall", help="cpu: process CPU time (shared CPUs)")
     p.add_argument("--json", type=Path, default=RESULTS / "engine_overhead.json")
     args = p.parse_args(argv)
     if args.repeat < 1 or any(b < 1 for b in args.batches):
         p.error("--repeat and --batches must be >= 1")
     t0 = time.time()
-    rows = demo_rows(args.batches, args.repeat) if "demo" in args.configs else []
+    rows = demo_rows(args.batches, args.repeat, args.clock) if "demo" in args.configs else []
     if "family" in args.configs:
-        rows += family_rows(args.batches, args.repeat)
+        rows += family_rows(args.batches, args.repeat, clock=args.clock)
     if "family-no-topk" in args.configs:
-        rows += family_rows(args.batches, args.repeat, top_k=0)
-    report = {"rows": rows, "backend": jax.default_backend(), "seconds": time.time() - t0}
+        rows += family_rows(args.batches, args.repeat, top_k=0, clock=args.clock)
+    report = {
+        "rows": rows,
+        "backend": jax.default_backend(),
+        "clock": args.clock,
+        "measured_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(t0)),
+        "load_average_at_start": list(os.getloadavg()),
+        "seconds": time.time() - t0,
+    }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.json}")
