@@ -39,6 +39,7 @@ import chex
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sjd2_jax.decode import sampling as S
 from sjd2_jax.model import transformer as M
@@ -168,11 +169,15 @@ class Context:
     spec: DecodeSpec
     knobs: Sampling
     batch: int  # B: conditional rows
-    table: jax.Array  # [V, D] input embedding of each output token id
-    stats: EmbedStats  # standardization of `table` (SJD2's noise space)
+    # The loop works in column space: column c stands for token id columns[c] (`decode`'s
+    # `columns`; without it column = token id). p, q, y, drafts and the output buffer hold
+    # columns; ids appear only in the returned tokens.
+    table: jax.Array  # [C, D] input embedding of each column's token
+    stats: EmbedStats  # standardization of the full input table (SJD2's noise space)
     timestep_emb: jax.Array  # [K, D] inputs of the timestep tokens (K = 0 outside SJD2)
-    forced: jax.Array  # int [N + W + 1] structure token per generated index, -1 = free (padded past N)
-    allowed: jax.Array  # bool [V] tokens a free position may take
+    forced: jax.Array  # int [N + W + 1] structure token's column per generated index, -1 = free (padded past N)
+    allowed: jax.Array  # bool [C] columns a free position may take
+    head_params: Any  # params with the output head cut to the C columns' rows (logits [.., C])
 
 
 class WindowInputs(NamedTuple):
@@ -182,7 +187,7 @@ class WindowInputs(NamedTuple):
     positions: jax.Array  # int [R, T]
     mask: jax.Array  # bool [R, T, T] among the new tokens
     sees_cache: jax.Array  # bool [R, T]
-    cache_visible: jax.Array | None  # bool [R, T, capacity]: the cached timestep slot of each noisy position
+    cache_visible: jax.Array | None  # bool [R, T, K] over the cache's last K slots: each noisy position's timestep
 
 
 class Verdict(NamedTuple):
@@ -200,6 +205,30 @@ def input_table(params, cfg: ModelConfig, head: str) -> jax.Array:
 
 def _head(params, cfg: ModelConfig, head: str, hidden) -> jax.Array:
     return M.lm_logits(params, cfg, hidden) if head == "lm" else M.gen_logits(params, cfg, hidden)
+
+
+def column_head(params, cfg: ModelConfig, head: str, columns: jax.Array) -> Any:
+    """params whose output head computes only the rows `columns` (logits [.., C] in column order).
+
+    The slice is taken once per decode, outside the loop: a pass reads C rows of the output
+    matrix instead of V and every later stage works on [.., C] arrays.
+    """
+    if head == "lm":
+        name = "embed" if cfg.tie_word_embeddings else "lm_head"
+        return {**params, name: jnp.take(params[name], columns, axis=0)}
+    gen = params["gen"]
+    cut = {k: jnp.take(gen[k], columns, axis=0) for k in ("head_out", "head_out_b")}
+    return {**params, "gen": {**gen, **cut}}
+
+
+def token_columns(allowed, forced) -> np.ndarray | None:
+    """Host side: the sorted token ids a generated position can take (allowed ones and forced
+    structure tokens), the `columns` argument of `decode`; None when that is every token."""
+    allowed = np.asarray(allowed, bool)
+    take = allowed.copy()
+    forced = np.asarray(forced)
+    take[forced[forced >= 0]] = True
+    return None if take.all() else np.flatnonzero(take).astype(np.int32)
 
 
 def _leading_true(x: jax.Array) -> jax.Array:
@@ -300,8 +329,10 @@ def fresh_positions(ctx: Context, keys: jax.Array) -> Window:
                 z=jax.random.normal(k_noise, (n, D), jnp.float32),
                 level=jnp.full((n,), ctx.spec.levels, jnp.int32),
             )
-        uniform_allowed = jnp.broadcast_to(jnp.where(ctx.allowed, 0.0, -jnp.inf), (n, V))
-        token = jax.random.categorical(k_token, uniform_allowed).astype(jnp.int32)
+        # The r-th allowed entry for a uniform r: one integer per position (no draw over V), and the
+        # same token ids whether the loop works on token ids or on columns (both keep id order).
+        r = jax.random.randint(k_token, (n, 1), 0, jnp.sum(ctx.allowed))
+        token = jnp.sum(jnp.cumsum(ctx.allowed) <= r, axis=-1).astype(jnp.int32)
         return Window(
             drafts=token,
             has_draft=jnp.ones((n,), bool),
@@ -342,9 +373,9 @@ def window_inputs(ctx: Context, s: DecodeState) -> WindowInputs:
     if K and ctx.spec.cache_timesteps:  # the timestep tokens sit in the cache's last K slots
         level = jnp.concatenate([jnp.zeros((B, 1), jnp.int32), w.level], 1)
         mask, sees_cache = window_masks(level, 0)
-        S_ = s.cache.capacity
-        own_slot = S_ - K + level - 1  # level l's timestep token is slot S - K + l - 1
-        visible = (level > 0)[..., None] & (jnp.arange(S_)[None, None] == own_slot[..., None])
+        # Over the cache's last K slots (level l's timestep token is the l-th): attention visits
+        # them as one block besides the filled prefix (model/attention.py).
+        visible = (level > 0)[..., None] & (jnp.arange(K)[None, None] == level[..., None] - 1)
         embeds = jnp.concatenate([s.last_emb[:, None].astype(jnp.float32), _both_branches(ctx.spec, real)], 1)
         return WindowInputs(
             embeds=embeds.astype(ctx.cfg.jnp_dtype),
@@ -379,7 +410,7 @@ def next_token_probs(ctx: Context, s: DecodeState, inputs: WindowInputs) -> tupl
         mask=inputs.mask, cache=s.cache, sees_cache=inputs.sees_cache, cache_visible=inputs.cache_visible,
     )  # fmt: skip
     assert cache is not None
-    logits = _head(ctx.params, ctx.cfg, spec.head, hidden[:, :W])
+    logits = _head(ctx.head_params, ctx.cfg, spec.head, hidden[:, :W])
     if spec.guidance:
         logits = S.guide(logits[:B], logits[B:], ctx.knobs.cfg_scale, spec.guidance_mode)
     forced = jnp.take(ctx.forced, s.n_done[:, None] + jnp.arange(W)[None])  # for the token p_j predicts
@@ -539,6 +570,7 @@ def decode(
     knobs: Sampling,
     keys,
     stats: EmbedStats | None = None,
+    columns=None,
 ) -> DecodeResult:
     """Generate spec.num_tokens tokens per row after each prompt.
 
@@ -548,6 +580,9 @@ def decode(
     keys: [B] one PRNG key per conditional row (`row_keys`); row b's tokens depend on
     its own prompt(s), knobs and key only, not on the other rows.
     stats: embedding statistics for SJD2 (default: over all rows of the input table).
+    columns: optional int [C], sorted token ids that generated positions can take (every
+    allowed token and every forced one; `token_columns`): logits, probabilities and
+    drafts are then C wide instead of V, with the same output distribution.
     """
     R, P = prompts.shape
     B = R // 2 if spec.guidance else R
@@ -560,6 +595,15 @@ def decode(
     D = table.shape[1]
     if stats is None:
         stats = embedding_stats(table) if spec.method == "sjd2" else EmbedStats(jnp.zeros(D), jnp.ones(D))
+    forced = forced.astype(jnp.int32)
+    head_params = params
+    if columns is not None:  # move to column space (token ids come back at the end)
+        columns = jnp.asarray(columns, jnp.int32)
+        column_of = jnp.full((table.shape[0],), -1, jnp.int32).at[columns].set(jnp.arange(columns.shape[0]))
+        forced = jnp.where(forced >= 0, column_of[jnp.maximum(forced, 0)], -1)
+        allowed = jnp.take(allowed, columns)
+        table = jnp.take(table, columns, axis=0)
+        head_params = column_head(params, cfg, spec.head, columns)
     ctx = Context(
         params=params,
         cfg=cfg,
@@ -569,8 +613,9 @@ def decode(
         table=table,
         stats=stats,
         timestep_emb=timestep_embeddings(K, stats) if K else jnp.zeros((0, D), jnp.float32),
-        forced=jnp.concatenate([forced.astype(jnp.int32), jnp.full((W + 1,), -1, jnp.int32)]),
+        forced=jnp.concatenate([forced, jnp.full((W + 1,), -1, jnp.int32)]),
         allowed=allowed,
+        head_params=head_params,
     )
     cache, last_emb = prefill(ctx, prompts, prompt_lens, capacity=P + N + W + K)
     keys, k_start = _split_rows(keys, 2)
@@ -614,4 +659,8 @@ def decode(
         return jnp.any(s.n_done < N) & (s.it < N)
 
     final = jax.lax.while_loop(running, iteration, state)
-    return DecodeResult(final.out[:, :N], final.steps, final.accepted, final.trace_drafts, final.trace_done)
+    tokens, trace_drafts = final.out[:, :N], final.trace_drafts
+    if columns is not None:
+        tokens = jnp.take(columns, tokens)
+        trace_drafts = jnp.where(trace_drafts >= 0, jnp.take(columns, jnp.maximum(trace_drafts, 0)), -1)
+    return DecodeResult(tokens, final.steps, final.accepted, trace_drafts, final.trace_done)

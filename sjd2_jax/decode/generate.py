@@ -12,7 +12,7 @@ from sjd2_jax import families
 from sjd2_jax.codecs import load_codec
 from sjd2_jax.codecs.base import to_pixels_uint8
 from sjd2_jax.decode import placement
-from sjd2_jax.decode.engine import METHODS, DecodeSpec, Sampling, decode, input_table, row_keys
+from sjd2_jax.decode.engine import METHODS, DecodeSpec, Sampling, decode, input_table, row_keys, token_columns
 from sjd2_jax.decode.options import check_generate_options
 from sjd2_jax.io import checkpoint as ckpt
 from sjd2_jax.sjd2.schedule import NoiseConfig
@@ -183,6 +183,7 @@ def generate(
         placement.place_rows(mesh, knobs),
         placement.place_rows(mesh, row_keys(seed, first_index + np.arange(B_run))),
         stats,
+        token_columns(plan.allowed, plan.forced),  # columns: sample over these ids only (same distribution)
     )
     if mesh is not None:
         r = placement.result_rows(r, B)

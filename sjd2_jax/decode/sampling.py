@@ -95,18 +95,39 @@ def process(logits, allowed, forced, temperature, top_k, top_p) -> jax.Array:
     return jnp.where((forced >= 0)[..., None], onehot, probs)
 
 
-def sample(key, probs: jax.Array) -> jax.Array:
-    """One token per distribution: int32 [...] from probs [..., V]."""
-    logp = jnp.where(probs > 0, jnp.log(jnp.maximum(probs, 1e-38)), -jnp.inf)  # zero stays impossible
-    return jax.random.categorical(key, logp, axis=-1).astype(jnp.int32)
+# "cdf": inverse-CDF sampling, one uniform per distribution and a running sum over its entries;
+# "gumbel": Gumbel-max, one random draw (and two logs) per entry. Both sample the given
+# distribution; the CDF draw is the cheaper one wherever random bits cost more than a cumsum
+# (benchmarks/sampling_bench.py --engine measures it).
+SAMPLERS = ("cdf", "gumbel")
+SAMPLER = "cdf"
 
 
-def sample_rows(keys: jax.Array, probs: jax.Array) -> jax.Array:
+def sample(key, probs: jax.Array, method: str | None = None) -> jax.Array:
+    """One token per distribution: int32 [...] from probs [..., V] (need not sum to 1)."""
+    method = method or SAMPLER
+    if method == "gumbel":
+        logp = jnp.where(probs > 0, jnp.log(jnp.maximum(probs, 1e-38)), -jnp.inf)  # zero stays impossible
+        return jax.random.categorical(key, logp, axis=-1).astype(jnp.int32)
+    if method != "cdf":
+        raise ValueError(f"unknown sampler {method!r}; choose one of {', '.join(SAMPLERS)}")
+    # Token i is drawn when cdf[i-1] <= u * total < cdf[i]: an entry of zero mass has an empty
+    # interval (adding 0 leaves the running sum unchanged), so it is never drawn.
+    cdf = jnp.cumsum(probs.astype(jnp.float32), axis=-1)
+    total = cdf[..., -1:]
+    u = jax.random.uniform(key, total.shape, jnp.float32) * total
+    index = jnp.sum(cdf <= u, axis=-1)
+    # u * total can round up to the total: that draw belongs to the last entry with mass.
+    last = probs.shape[-1] - 1 - jnp.argmax(jnp.flip(probs > 0, -1), axis=-1)
+    return jnp.minimum(index, last).astype(jnp.int32)
+
+
+def sample_rows(keys: jax.Array, probs: jax.Array, method: str | None = None) -> jax.Array:
     """`sample` with one key per row: int32 [B, ...] from keys [B] and probs [B, ..., V].
 
     Row b's tokens depend on keys[b] and probs[b] only, whatever the batch around it.
     """
-    return jax.vmap(sample)(keys, probs)
+    return jax.vmap(lambda k, p: sample(k, p, method))(keys, probs)
 
 
 def residual(p: jax.Array, q: jax.Array) -> jax.Array:

@@ -34,6 +34,7 @@ import numpy as np
 from sjd2_jax.sjd2.masks import MaskSpec, attend, build_mask
 
 BACKENDS = ("dense", "chunked", "cudnn", "splash")
+CACHED_BACKENDS = ("filled", "dense")  # attention of new tokens over a KV cache (decode passes, prefill)
 _NEG = -1e30  # finite score floor: exp(floor - max) underflows to 0 without inf - inf = NaN
 
 
@@ -44,10 +45,18 @@ class AttentionConfig:
     backend: str = "chunked"
     block_q: int = 512
     block_kv: int = 512
+    # With a KV cache: "filled" visits only the cache's filled chunks (`filled_cache_attention`),
+    # "dense" scores every slot of the capacity (the reference).
+    cached: str = "filled"
+    block_cache: int = 128
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown attention backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        if self.cached not in CACHED_BACKENDS:
+            raise ValueError(f"unknown cached attention {self.cached!r}; choose one of {', '.join(CACHED_BACKENDS)}")
+        if self.block_cache < 1:
+            raise ValueError(f"attention block_cache must be >= 1, got {self.block_cache}")
         if self.block_q < 1 or self.block_kv < 1:
             raise ValueError(f"attention block sizes must be >= 1, got {self.block_q}, {self.block_kv}")
 
@@ -93,6 +102,88 @@ def masked_attention(
     if backend == "cudnn":
         return _cudnn_attention(q, k, v, spec, valid)
     return _splash_attention(q, k, v, spec, valid, config)
+
+
+# ----------------------------------------------------------------------------- over a KV cache
+
+
+def _online_block(carry, qh, kj, vj, vis, scale):
+    """Fold one key block into the online-softmax state (m, l, acc) of queries qh [B, KV, G, T, hd].
+
+    kj, vj: [B, KV, bk, hd]; vis: bool [B, T, bk]. Scores exist in float32 for this block only.
+    """
+    m, l, acc = carry
+    vis = vis[:, None, None]
+    s = jnp.where(vis, jnp.einsum("bkgtd,bksd->bkgts", qh, kj, preferred_element_type=jnp.float32) * scale, _NEG)
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    p = jnp.where(vis, jnp.exp(s - m_new[..., None]), 0.0)
+    corr = jnp.exp(m - m_new)
+    pv = jnp.einsum("bkgts,bksd->bkgtd", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
+    return m_new, l * corr + jnp.sum(p, axis=-1), acc * corr[..., None] + pv
+
+
+def filled_cache_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    sees_cache: jax.Array,
+    lengths: jax.Array,
+    tail_visible: jax.Array | None = None,
+    *,
+    block: int = 128,
+) -> jax.Array:
+    """Attention of T new tokens over a KV cache that visits only its filled part.
+
+    q: [B, T, H, hd]; k, v: [B, KV, S, hd] cache buffers holding the new keys/values at
+    slots lengths[b] + [0, T). Query t sees slot s < lengths[b] if sees_cache[b, t], new
+    token j if mask[b, t, j], and (tail_visible bool [B, T, X]) the last X slots where
+    tail_visible says so: slots reserved at the end of the capacity (SJD2's timestep
+    tokens), attended as one extra block. The other slots are visited in blocks of `block`
+    up to max(lengths) + T only (a loop with a data-dependent trip count), with an online
+    softmax, so float32 scores never exceed one [B, H, T, block] tile and empty capacity
+    costs nothing. Same result as `transformer.attention` over `cache_visibility` (up to
+    summation order); a query that sees nothing gets zeros.
+    """
+    B, T, H, hd = q.shape
+    KV, S = k.shape[1], k.shape[2]
+    X = 0 if tail_visible is None else tail_visible.shape[-1]
+    body = S - X  # slots the block loop may visit
+    bk = max(1, min(block, body))
+    scale = 1.0 / float(np.sqrt(hd))
+    qh = q.reshape(B, T, KV, H // KV, hd).transpose(0, 2, 3, 1, 4)  # [B, KV, G, T, hd]
+    col = lambda a: a[:, :, None]
+
+    def visibility(slots):  # bool [B, T, len(slots)] from the cache rule, slots int [n]
+        rel = slots[None, :] - lengths[:, None]  # [B, n] index among the new tokens
+        new = jnp.take_along_axis(mask, jnp.broadcast_to(jnp.clip(rel, 0, T - 1)[:, None, :], (B, T, slots.size)), 2)
+        committed = (slots[None, None, :] < lengths[:, None, None]) & col(sees_cache)
+        return committed | (new & ((rel >= 0) & (rel < T))[:, None, :])
+
+    def step(j, carry):
+        first = j * bk
+        start = jnp.minimum(first, S - bk)  # a last block past the end slides back; its repeats are masked
+        slots = start + jnp.arange(bk)
+        keep = (slots >= first) & (slots < body)
+        kj = jax.lax.dynamic_slice_in_dim(k, start, bk, axis=2)
+        vj = jax.lax.dynamic_slice_in_dim(v, start, bk, axis=2)
+        return _online_block(carry, qh, kj, vj, visibility(slots) & keep[None, None, :], scale)
+
+    acc_shape = (B, KV, H // KV, T)
+    carry = (
+        jnp.full(acc_shape, _NEG, jnp.float32),
+        jnp.zeros(acc_shape, jnp.float32),
+        jnp.zeros((*acc_shape, hd), jnp.float32),
+    )
+    filled = jnp.minimum(jnp.max(lengths) + T, body)
+    carry = jax.lax.fori_loop(0, (filled + bk - 1) // bk, step, carry)
+    if tail_visible is not None and X:
+        slots = jnp.arange(body, S)
+        vis = tail_visible.astype(jnp.bool_) | visibility(slots)
+        carry = _online_block(carry, qh, k[:, :, body:], v[:, :, body:], vis, scale)
+    _, l, acc = carry
+    out = acc / jnp.where(l > 0, l, 1.0)[..., None]
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd).astype(q.dtype)
 
 
 # ----------------------------------------------------------------------------- chunked

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sjd2_jax.model.attention import AttentionConfig, masked_attention
+from sjd2_jax.model.attention import AttentionConfig, filled_cache_attention, masked_attention
 from sjd2_jax.model.cache import KVCache, write_rows
 from sjd2_jax.model.config import ModelConfig
 from sjd2_jax.sjd2.masks import MaskSpec
@@ -263,8 +263,11 @@ def forward(
     new token s (default causal). With a cache, the new keys/values are written at
     slots lengths[b] + [0, T) and queries also see the committed prefix where
     sees_cache [B, T] (default all True). lengths are not advanced (see cache.py).
-    cache_visible (with a cache): bool [B, T, capacity], further slots each query sees
-    (SJD2's timestep tokens, written once into reserved slots past the window).
+    cache_visible (with a cache): bool [B, T, X], further slots each query sees among the
+    cache's last X slots (X <= capacity; SJD2's timestep tokens, written once into reserved
+    slots past the window). With a cache, attention_cfg.cached picks the kernel: "filled"
+    (default) visits only slots up to max(lengths) + T plus those last X < capacity slots,
+    "dense" scores every slot.
     remat (training, no cache): "full" / True recomputes each layer's activations in the
     backward pass, "dots" keeps the projection matmul outputs and recomputes the rest,
     "none" / False keeps everything.
@@ -284,9 +287,18 @@ def forward(
     x = inputs_embeds.astype(cfg.jnp_dtype)
     if cache is not None and mask is not None:  # (mask_spec never comes with a cache)
         sc = jnp.ones((B, T), bool) if sees_cache is None else sees_cache
-        visible = cache_visibility(mask, sc, cache.lengths, cache.capacity)
-        if cache_visible is not None:
-            visible = visible | cache_visible
+        acfg_cached = attention_cfg or AttentionConfig()
+        visible: Any
+        if acfg_cached.cached == "filled" and (cache_visible is None or cache_visible.shape[-1] < cache.capacity):
+            lengths, block = cache.lengths, acfg_cached.block_cache
+            visible = lambda q_, k_, v_: filled_cache_attention(
+                q_, k_, v_, mask, sc, lengths, cache_visible, block=block
+            )
+        else:
+            visible = cache_visibility(mask, sc, cache.lengths, cache.capacity)
+            if cache_visible is not None:  # it covers the last X slots
+                pad = cache.capacity - cache_visible.shape[-1]
+                visible = visible | jnp.pad(cache_visible, ((0, 0), (0, 0), (pad, 0)))
     # Layer i's keys/values go into its own cache buffer, updated in place (cache.py).
     kv = {"k": list(cache.k), "v": list(cache.v)} if cache is not None else None
     policy = _REMAT_POLICIES[remat if isinstance(remat, str) else ("full" if remat else "none")]
