@@ -6,14 +6,15 @@
 Both sides run inside compiled `lax.while_loop`s and are timed the same way, so neither pays a
 dispatch, a host transfer or a cache copy that the other does not:
 - SJD2: the public `sjd2_jax.decode.engine.decode` (as `generate` calls it: classifier-free
-  guidance, the image plan's forced tokens and allowed columns) for n_lo and for n_hi tokens;
-  seconds per iteration = (t(n_hi) - t(n_lo)) / (iterations(n_hi) - iterations(n_lo)).
+  guidance, the image plan's forced tokens and allowed columns) for N tokens, run twice with one
+  compilation: sampled as usual, and with every position forced to an image code (the same
+  compiled code, no control flow depends on the tokens, but whole windows are accepted, so about
+  N / W iterations); seconds per iteration = the time difference / the iteration difference.
 - plain: a jitted while_loop of `M.forward` over the same 2B rows of W inputs (the timestep
   tokens sit in the cache, as in the engine, and noisy positions see their slot) against a KV
   cache of the same capacity, then the output head over the W outputs (over the allowed
-  columns only when the engine does that too), the cache advancing by the same tokens per
-  iteration as the SJD2 run; run for the same two capacities and iteration counts and
-  differenced the same way.
+  columns only when the engine does that too); run for the same two iteration counts with the
+  cache filling at each SJD2 run's tokens per iteration, and differenced the same way.
 The ratio is what SJD2's bookkeeping (guidance mix, logits processing incl. top-k, sampling,
 verification, window slide, denoise step) costs on top of the forward pass it needs anyway.
 
@@ -77,8 +78,8 @@ def plain_inputs(cfg: ModelConfig, rows: int, window: int, levels: int, capacity
     return embeds, level, mask, sees, visible
 
 
-def plain_loop(params, cfg: ModelConfig, *, rows, window, levels, capacity, start, tokens_per_iteration, columns):
-    """A jitted fn(iterations) running forward + head `iterations` times inside one while_loop."""
+def plain_loop(params, cfg: ModelConfig, *, rows, window, levels, capacity, start, columns):
+    """A jitted fn(iterations, tokens_per_iteration) running forward + head inside one while_loop."""
     embeds, _, mask, sees, visible = plain_inputs(cfg, rows, window, levels, capacity)
     head = params
     if columns is not None and hasattr(E, "column_head"):  # the engine cuts the head once, outside its loop
@@ -86,54 +87,54 @@ def plain_loop(params, cfg: ModelConfig, *, rows, window, levels, capacity, star
     cache = KVCache.create(cfg, rows, capacity).with_lengths(jnp.full((rows,), start, jnp.int32))
 
     @jax.jit
-    def loop(params, head, cache, n):
+    def loop(params, head, cache, n, rate):
         def body(carry):
             i, cache, acc = carry
             pos = window_positions(cache.lengths, window, 0)
             h, new = M.forward(params, cfg, embeds, pos, mask=mask, cache=cache, sees_cache=sees, cache_visible=visible)
             logits = M.lm_logits(head, cfg, h[:, :window])
-            # commit as many tokens per iteration, on average, as the SJD2 run did
-            step = jnp.floor((i + 1) * tokens_per_iteration) - jnp.floor(i * tokens_per_iteration)
+            # the cache fills as fast, on average, as in the SJD2 run being matched
+            step = jnp.floor((i + 1) * rate) - jnp.floor(i * rate)
             lengths = jnp.minimum(new.lengths + step.astype(jnp.int32), capacity - window - levels)
             return i + 1, new.with_lengths(lengths), acc + logits[:, -1, 0].sum()
 
         return jax.lax.while_loop(lambda c: c[0] < n, body, (jnp.int32(0), cache, jnp.float32(0)))[2]
 
-    return lambda n: loop(params, head, cache, jnp.int32(n)).block_until_ready()
+    return lambda n, rate: loop(params, head, cache, jnp.int32(n), jnp.float32(rate)).block_until_ready()
 
 
-def measure(name, preset: AB.Preset, params, *, batch, window, n_lo, n_hi, prompt_len, repeat, clock) -> dict:
+def measure(name, preset: AB.Preset, params, *, batch, window, num_tokens, prompt_len, repeat, clock) -> dict:
+    """Both sides' seconds per iteration, each the slope between two runs of one compilation.
+
+    SJD2: `num_tokens` sampled as usual, and the same with every position forced (whole windows
+    accepted: about num_tokens / W iterations of the same compiled code). Plain: the loop run for
+    those two iteration counts, the cache filling at each run's tokens per iteration.
+    """
     cfg, K = preset.cfg, preset.levels
-    runs = []
-    for n in (n_lo, n_hi):
-        case = AB.Case("sjd2", window, batch, n, prompt_len)
-        seconds, iters = AB.run_case(preset, case, params, repeat, clock)
-        _, kwargs = AB.decode_args(preset, case, params)
-        runs.append((n, seconds, iters, kwargs.get("columns")))
-    (_, t_lo, i_lo, _), (_, t_hi, i_hi, columns) = runs
+    n = num_tokens
+    cases = [AB.Case("sjd2", window, batch, n, prompt_len, forced_upto=f) for f in (n, 0)]
+    (t_lo, i_lo), (t_hi, i_hi) = (AB.run_case(preset, c, params, repeat, clock) for c in cases)
+    columns = AB.decode_args(preset, cases[1], params)[1].get("columns")
     per_iter = (t_hi - t_lo) / max(i_hi - i_lo, 1)
-    plain = []
-    for n, _, iters, cols in runs:
-        loop = plain_loop(
-            params,
-            cfg,
-            rows=2 * batch,
-            window=window,
-            levels=K,
-            capacity=prompt_len + n + window + K,  # what decode allocates for n tokens
-            start=prompt_len - 1,
-            tokens_per_iteration=n / max(iters, 1),
-            columns=cols,
-        )
-        plain.append(_best(lambda loop=loop, iters=iters: loop(iters), repeat, clock))
+    loop = plain_loop(
+        params,
+        cfg,
+        rows=2 * batch,
+        window=window,
+        levels=K,
+        capacity=prompt_len + n + window + K,  # what decode allocates for n tokens
+        start=prompt_len - 1,
+        columns=columns,
+    )
+    plain = [_best(lambda i=i: loop(i, n / max(i, 1)), repeat, clock) for i in (i_lo, i_hi)]
     fwd = (plain[1] - plain[0]) / max(i_hi - i_lo, 1)
     row: dict[str, Any] = {
         "config": name,
         "batch": batch,
         "window": window,
         "levels": K,
-        "num_tokens": [n_lo, n_hi],
-        "iterations": [i_lo, i_hi],
+        "num_tokens": n,
+        "iterations": [i_lo, i_hi],  # all positions forced, then sampled
         "sampling": preset.sampling,
         "columns": None if columns is None else int(np.asarray(columns).shape[0]),
         "model": {"layers": cfg.num_layers, "hidden": cfg.hidden_size, "vocab": cfg.vocab_size},
@@ -166,8 +167,7 @@ def demo_rows(batches, repeat, clock="wall") -> list[dict]:
             model.params,
             batch=b,
             window=window,
-            n_lo=N // 4,
-            n_hi=N,
+            num_tokens=N,
             prompt_len=32,
             repeat=repeat,
             clock=clock,
@@ -200,9 +200,7 @@ def family_rows(batches, repeat, top_k: int = 2000, clock="wall") -> list[dict]:
     name = f"Lumina family defaults (top-k {top_k}, CFG 3)" if top_k else "Lumina family model, top-k off (CFG 3)"
     N = preset.plan.num_generated
     return [
-        measure(
-            name, preset, params, batch=b, window=32, n_lo=N // 4, n_hi=N, prompt_len=32, repeat=repeat, clock=clock
-        )
+        measure(name, preset, params, batch=b, window=32, num_tokens=N, prompt_len=32, repeat=repeat, clock=clock)
         for b in batches
     ]
 
