@@ -74,8 +74,9 @@ def tiny_demo_checkpoint(path, num_heads=4, seed=0, levels=4):
     path = Path(path)
     path.mkdir(parents=True)
     demo = Path(sjd2_jax.DEMO_MODEL)
-    for f in demo.iterdir():
-        if f.is_file() and f.name not in (ckpt.CONFIG_FILE, ckpt.GENERATION_FILE):
+    model_files = (ckpt.CONFIG_FILE, ckpt.GENERATION_FILE, ckpt.NOISE_STATS_FILE, "build_info.json")
+    for f in demo.iterdir():  # tokenizer, vocabulary and codec files: the demo's
+        if f.is_file() and f.name not in model_files:
             shutil.copy(f, path / f.name)
     base = ckpt.read_config(demo)
     cfg = ModelConfig(
