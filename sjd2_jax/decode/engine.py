@@ -51,6 +51,9 @@ from sjd2_jax.sjd2.standardize import EmbedStats, embedding_stats, unstandardize
 from sjd2_jax.sjd2.timestep import timestep_embeddings
 
 METHODS = ("ar", "jacobi", "sjd", "sjd2")
+# Window level of a committed token re-fed clean so its KV is recomputed (paper mode with
+# recompute_noisy_kv): its input is E[token] and verification passes it without a test.
+PINNED = -1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +67,15 @@ class DecodeSpec:
     guidance: bool = False  # classifier-free guidance: run unconditional rows beside the conditional ones
     guidance_mode: str = "logits"  # combine raw "logits" or "log_softmax" values
     exact: bool = True  # SJD2 exact (lossless) verification; False = paper mode
+    # Paper mode only (exact=False; docs/design.md, "Paper mode"). accept_max_level: the scan passes
+    # a position (keeps its KV, lets later drafts be judged with it in context) only if its input
+    # level is <= this; the first position above may still be accepted as the pass's last token,
+    # as in exact mode, which is paper mode with 0. None = any level (the unbounded paper rule).
+    accept_max_level: int | None = None
+    # recompute_noisy_kv: accepted positions whose inputs were noisy do not keep their KV; their
+    # tokens are re-fed clean at the front of the next window (PINNED), so the cache holds only
+    # the KV of clean inputs of committed tokens, at the cost of those window slots.
+    recompute_noisy_kv: bool = False
     noise: NoiseConfig = NoiseConfig()  # noqa: RUF009 (frozen, hashable: a shared default is safe)
     trace: int = 0  # record the window drafts of the first `trace` iterations (trajectory plots)
     # SJD2: the timestep tokens' keys/values depend only on their level (they attend to themselves
@@ -95,6 +107,13 @@ class DecodeSpec:
             raise ValueError(f"unknown head {self.head!r}")
         if self.guidance_mode not in ("logits", "log_softmax"):
             raise ValueError(f"unknown guidance_mode {self.guidance_mode!r}")
+        paper = self.method == "sjd2" and not self.exact
+        if self.accept_max_level is not None and not (paper and 0 <= self.accept_max_level):
+            raise ValueError(
+                f"accept_max_level needs sjd2 paper mode (exact=False) and >= 0 (got {self.accept_max_level})"
+            )
+        if self.recompute_noisy_kv and not paper:
+            raise ValueError("recompute_noisy_kv needs sjd2 paper mode (exact=False); exact mode never keeps noisy KV")
         if self.clean_switch_level < 0 or (self.clean_switch_level and self.method != "sjd2"):
             raise ValueError(f"clean_switch_level must be >= 0 and needs method sjd2 (got {self.clean_switch_level})")
         if self.coupled_refresh and self.method not in ("sjd", "sjd2"):
@@ -108,6 +127,14 @@ class DecodeSpec:
     @property
     def exact_sjd2(self) -> bool:
         return self.method == "sjd2" and self.exact
+
+    @property
+    def pass_max_level(self) -> int | None:
+        """SJD2: the highest input level the acceptance scan passes through (exact: 0; paper:
+        accept_max_level, None = any); None for the other methods (all inputs clean)."""
+        if self.method != "sjd2":
+            return None
+        return 0 if self.exact else self.accept_max_level
 
 
 @flax.struct.dataclass
@@ -426,7 +453,8 @@ def verify(ctx: Context, window: Window, p: jax.Array, y: jax.Array, keys_accept
     more token: at a rejection a draw from normalize(max(p_a - q_{a+1}, 0)) (JD: y_a),
     if all passed the bonus y_{W-1} ~ p_{W-1}. Exact SJD2 scans past a position only
     if every input before it was clean; a draft accepted at a noisy-input position is
-    committed, but nothing after it.
+    committed, but nothing after it. Paper mode does the same with inputs at levels up to
+    accept_max_level counting as clean (None: every level).
     """
     spec = ctx.spec
     B, W = ctx.batch, spec.window
@@ -441,9 +469,12 @@ def verify(ctx: Context, window: Window, p: jax.Array, y: jax.Array, keys_accept
         u = jax.vmap(lambda k: jax.random.uniform(k, (W - 1,)))(keys_accept)
         ok = u * q_d < p_d
     ok = ok & window.has_draft
-    if spec.exact_sjd2:  # p_{i-1} is exact only if every input before position i was clean
-        clean = (window.level == 0).astype(jnp.int32)
-        ok = ok & jnp.concatenate([jnp.ones((B, 1), bool), jnp.cumprod(clean[:, :-1], 1).astype(bool)], 1)
+    top = spec.pass_max_level
+    if top is not None:  # exact: p_{i-1} is exact only if every input before position i was clean
+        low = (window.level <= top).astype(jnp.int32)
+        ok = ok & jnp.concatenate([jnp.ones((B, 1), bool), jnp.cumprod(low[:, :-1], 1).astype(bool)], 1)
+    if spec.recompute_noisy_kv:  # committed tokens re-fed for clean KV: already accepted
+        ok = ok | (window.level == PINNED)
     a = _leading_true(ok)
 
     if spec.method == "jacobi":
@@ -455,9 +486,9 @@ def verify(ctx: Context, window: Window, p: jax.Array, y: jax.Array, keys_accept
     after = jnp.where(a == W - 1, y[:, W - 1], correction)
     tokens = jnp.where(jnp.arange(W)[None] == a[:, None], after[:, None], jnp.pad(d, ((0, 0), (0, 1))))
     count = a + 1
-    if spec.exact_sjd2:
-        stopped_at_noisy = (a > 0) & (_at(window.level, jnp.maximum(a - 1, 0)) > 0)
-        count = jnp.where(stopped_at_noisy, a, count)
+    if top is not None:  # a draft accepted above the bound ends the pass: no token after it
+        stopped_above = (a > 0) & (_at(window.level, jnp.maximum(a - 1, 0)) > top)
+        count = jnp.where(stopped_above, a, count)
     return Verdict(num_commit=count, tokens=tokens)
 
 
@@ -479,6 +510,37 @@ def commit(ctx: Context, s: DecodeState, cache: KVCache, tokens: jax.Array, coun
         last_emb=jnp.where(moved[:, None], _both_branches(ctx.spec, newest).astype(s.last_emb.dtype), s.last_emb),
         n_done=s.n_done + count,
         out=out,
+    )
+
+
+def split_refed(ctx: Context, window: Window, count: jax.Array, n_done: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """recompute_noisy_kv (paper mode): of the `count` [B] tokens a pass commits, the first `keep`
+    are those whose window inputs (positions 0..keep-1) were clean, and position `keep`'s token
+    becomes the newest one; the `count - keep` after it are re-fed clean (`pin_refed`) instead of
+    keeping the KV of their noisy inputs. A row that finishes keeps all (no pass follows).
+    Returns (keep, refed); without the switch (count, 0)."""
+    if not ctx.spec.recompute_noisy_kv:
+        return count, jnp.zeros_like(count)
+    keep = jnp.minimum(count, 1 + _leading_true(window.level <= 0))
+    keep = jnp.where(n_done + count >= ctx.spec.num_tokens, count, keep)
+    return keep, count - keep
+
+
+def pin_refed(ctx: Context, window: Window, out: jax.Array, n_done: jax.Array, refed: jax.Array) -> Window:
+    """Window positions 1..refed [B] take the committed tokens out[n_done ..] (generated indices
+    n_done..), re-fed with clean inputs (level PINNED) so this pass recomputes their KV."""
+    if not ctx.spec.recompute_noisy_kv:
+        return window
+    j = jnp.arange(ctx.spec.window - 1)[None]
+    pinned = j < refed[:, None]
+    token = jnp.take_along_axis(out, n_done[:, None] + j, axis=1)
+    one_hot = jax.nn.one_hot(token, ctx.table.shape[0], dtype=window.q.dtype)
+    return Window(
+        drafts=jnp.where(pinned, token, window.drafts),
+        has_draft=window.has_draft | pinned,
+        q=jnp.where(pinned[..., None], one_hot, window.q),
+        z=jnp.where(pinned[..., None], 0.0, window.z),
+        level=jnp.where(pinned, PINNED, window.level),
     )
 
 
@@ -641,8 +703,10 @@ def decode(
         y = S.sample_rows(k_sample, p)  # the model's own sample after every window position
         verdict = verify(ctx, s.window, p, y, k_accept, k_residual)
         count = jnp.where(active, jnp.minimum(verdict.num_commit, N - s.n_done), 0)  # the last pass may overshoot N
+        count, refed = split_refed(ctx, s.window, count, s.n_done)  # paper mode's KV recompute (else refed 0)
         new = commit(ctx, s, cache, verdict.tokens, count)
         window = slide(ctx, s.window, p, y, count, new.n_done, k_fresh)
+        window = pin_refed(ctx, window, new.out, new.n_done, refed)
         trace_drafts, trace_done = record_trace(spec, s)
         return dataclasses.replace(
             new,
