@@ -361,16 +361,22 @@ def pass_latency(
     return row
 
 
+def configs(methods, windows) -> list[tuple[str, int]]:
+    """(method, window) pairs to run: AR once, SJD2 at every window."""
+    return ([("ar", 1)] if "ar" in methods else []) + ([("sjd2", w) for w in windows] if "sjd2" in methods else [])
+
+
 def _is_oom(err: Exception) -> bool:
     text = str(err)
     return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
 
 
-def measure(preset: Preset, args, compression: dict[int, float], params) -> list[dict]:
-    rows = []
+def measure(preset: Preset, args, compression: dict[int, float], params, on_row=None) -> list[dict]:
+    """Every (batch, method, window) row; `on_row(rows)` after each (a cut-short run keeps what it measured)."""
+    rows: list[dict] = []
     N = preset.plan.num_generated
     for batch in args.batches:
-        for method, window in [("ar", 1)] + [("sjd2", w) for w in args.windows]:
+        for method, window in configs(args.methods, args.windows):
             c = 1.0 if method == "ar" else compression_for(window, compression)
             row: dict[str, Any] = dict(method=method, window=window, batch=batch, compression=c)
             try:
@@ -389,6 +395,8 @@ def measure(preset: Preset, args, compression: dict[int, float], params) -> list
                 row["images_per_s"] = 1.0 / row["seconds_per_image"]
             print(_row_text(row), flush=True)
             rows.append(row)
+            if on_row is not None:
+                on_row(rows)
     return rows
 
 
@@ -461,6 +469,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--windows", type=int, nargs="+", default=[16, 32, 64, 128])
+    p.add_argument("--methods", nargs="+", choices=["ar", "sjd2"], default=["ar", "sjd2"])
     p.add_argument("--context", type=int, default=None, help="cache entries before the timed passes")
     p.add_argument("--passes", type=int, default=8, help="timed passes per configuration (at least)")
     p.add_argument("--repeat", type=int, default=3)
@@ -480,6 +489,9 @@ def main(argv=None) -> int:
     device = jax.devices()[0]
     kind = str(getattr(device, "device_kind", device.platform))
     param_bytes = tree_bytes(M.abstract_params(cfg))
+    path = args.json or RESULTS / (
+        f"accelerator_bench_{args.preset}{'_compile' if args.compile_only else ''}_{jax.default_backend()}.json"
+    )
     report: dict[str, Any] = dict(
         preset=args.preset,
         scale=args.scale,
@@ -508,7 +520,7 @@ def main(argv=None) -> int:
     if args.compile_only:
         rows = []
         for batch in args.batches:
-            for method, window in [("ar", 1)] + [("sjd2", w) for w in args.windows]:
+            for method, window in configs(args.methods, args.windows):
                 row = compile_memory(preset, method, window, batch, args.context, max(2, window) + 8)
                 print(
                     f"{method:<4} W={window:<3} B={batch:<3} arguments {row['argument_bytes'] / 2**30:.2f} GiB, "
@@ -530,7 +542,6 @@ def main(argv=None) -> int:
                 source = f"eval_regimes {preset.regime} regime ({source})"
         bw = device_bandwidth(kind, args.bandwidth_gbs)
         params = M.init_params(cfg, jax.random.key(0))
-        rows = measure(preset, args, table, params)
         floor: dict[str, Any] = dict(bandwidth_gbs=bw)
         if bw:
             floor["weights_seconds_per_pass"] = param_bytes / (bw * 1e9)
@@ -544,15 +555,18 @@ def main(argv=None) -> int:
             compression_source=source,
             compression_by_window={str(w): compression_for(w, table) for w in args.windows},
             bandwidth_floor=floor,
-            rows=rows,
-            crossover=crossover(rows),
         )
+
+        def save(rows, complete=False):
+            report.update(rows=rows, crossover=crossover(rows), complete=complete, seconds=time.time() - t0)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(report, indent=2) + "\n")
+
+        rows = measure(preset, args, table, params, on_row=save)
+        save(rows, complete=True)
         x = report["crossover"]
         print(f"SJD2 stops beating AR at batch: {x['sjd2_stops_beating_ar_at_batch']}")
     report["seconds"] = time.time() - t0
-    path = args.json or RESULTS / (
-        f"accelerator_bench_{args.preset}{'_compile' if args.compile_only else ''}_{jax.default_backend()}.json"
-    )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {path}")
