@@ -140,10 +140,10 @@ def filled_cache_attention(
     token j if mask[b, t, j], and (tail_visible bool [B, T, X]) the last X slots where
     tail_visible says so: slots reserved at the end of the capacity (SJD2's timestep
     tokens), attended as one extra block. The other slots are visited in blocks of `block`
-    up to max(lengths) + T only (a loop with a data-dependent trip count), with an online
-    softmax, so float32 scores never exceed one [B, H, T, block] tile and empty capacity
-    costs nothing. Same result as `transformer.attention` over `cache_visibility` (up to
-    summation order); a query that sees nothing gets zeros.
+    up to max(lengths) + T only (blocks past it are skipped), with an online softmax, so
+    float32 scores never exceed one [B, H, T, block] tile and empty capacity costs nothing.
+    Same result as `transformer.attention` over `cache_visibility` (up to summation order);
+    a query that sees nothing gets zeros.
     """
     B, T, H, hd = q.shape
     KV, S = k.shape[1], k.shape[2]
@@ -160,14 +160,17 @@ def filled_cache_attention(
         committed = (slots[None, None, :] < lengths[:, None, None]) & col(sees_cache)
         return committed | (new & ((rel >= 0) & (rel < T))[:, None, :])
 
-    def step(j, carry):
-        first = j * bk
-        start = jnp.minimum(first, S - bk)  # a last block past the end slides back; its repeats are masked
+    def block_at(first: int):
+        start = min(first, S - bk)  # a last block past the end slides back; its repeats are masked
         slots = start + jnp.arange(bk)
         keep = (slots >= first) & (slots < body)
-        kj = jax.lax.dynamic_slice_in_dim(k, start, bk, axis=2)
-        vj = jax.lax.dynamic_slice_in_dim(v, start, bk, axis=2)
-        return _online_block(carry, qh, kj, vj, visibility(slots) & keep[None, None, :], scale)
+
+        def fold(carry):
+            kj = jax.lax.slice_in_dim(k, start, start + bk, axis=2)
+            vj = jax.lax.slice_in_dim(v, start, start + bk, axis=2)
+            return _online_block(carry, qh, kj, vj, visibility(slots) & keep[None, None, :], scale)
+
+        return fold
 
     acc_shape = (B, KV, H // KV, T)
     carry = (
@@ -175,8 +178,13 @@ def filled_cache_attention(
         jnp.zeros(acc_shape, jnp.float32),
         jnp.zeros((*acc_shape, hd), jnp.float32),
     )
-    filled = jnp.minimum(jnp.max(lengths) + T, body)
-    carry = jax.lax.fori_loop(0, (filled + bk - 1) // bk, step, carry)
+    # Blocks are static; each one past the filled length is skipped by a lax.cond (its slice is read
+    # only inside the taken branch). Static blocks rather than a while loop over them: the decode
+    # loop then carries each cache buffer through one loop only (tests/decode/test_cache_hlo.py).
+    filled = jnp.max(lengths) + T
+    carry = block_at(0)(carry)  # filled >= 1: block 0 is always visited
+    for first in range(bk, body, bk):
+        carry = jax.lax.cond(first < filled, block_at(first), lambda c: c, carry)
     if tail_visible is not None and X:
         slots = jnp.arange(body, S)
         vis = tail_visible.astype(jnp.bool_) | visibility(slots)
