@@ -7,8 +7,8 @@
 
 Output folder: one PNG per prompt (000.png, 001.png, ...), grid.png (all images tiled,
 enlarged; with --compare also ar-000.png, ..., grid-ar.png for each other method), and stats.json: a list with one
-object per image {prompt, method, image, tokens,
-steps, seconds, ...}, and manifest.json: the files this run wrote. Everything is written to a
+object per image {prompt, method, image, tokens, steps, seconds (the run's mean per image,
+compilation excluded), ...}, and manifest.json: the files this run wrote. Everything is written to a
 temporary sibling folder and moved into place at the end (Ctrl-C or SIGTERM leave nothing behind).
 An existing --out is replaced only if it holds nothing but an earlier run's output (as its
 manifest.json lists it); otherwise infer refuses. A symlinked --out stays a symlink: the
@@ -75,7 +75,13 @@ def _parser() -> argparse.ArgumentParser:
         default=0,
         help="random seed (default 0); image i of the run draws from (seed, i) whatever --batch-size",
     )
-    p.add_argument("--batch-size", type=int, default=10, help="images decoded together (default 10)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=10,
+        help="rows decoded together (default 10); with more prompts, a finished row takes the next prompt "
+        "inside the compiled loop",
+    )
     p.add_argument(
         "--mesh",
         default=None,
@@ -440,56 +446,61 @@ def run(args, log=print) -> list[dict]:
             if method != args.method and method != "ar" and main_window > 1:
                 opts["window"] = main_window  # --compare: every parallel method at the same window
             pixels = []
-            for b, start in enumerate(range(0, len(prompts), B)):
-                chunk = prompts[start : start + B]
-                padded = chunk + [chunk[-1]] * (B - len(chunk))  # one batch shape: one compilation
-                t0, c0 = time.perf_counter(), clock.total
-                g = sjd2_jax.generate(
-                    model,
-                    padded,
-                    method=method,
-                    size=args.size,
-                    seed=args.seed,
-                    first_index=start,  # image i of the run draws from (seed, i), whatever the batch size
-                    temperature=args.temperature,
-                    top_k=args.top_k,
-                    top_p=args.top_p,
-                    cfg_scale=args.cfg_scale,
-                    **opts,
+            done = [0]
+
+            def progress(n, done=done):  # finished images, told from inside the compiled loop
+                bar.update(n - done[0])
+                done[0] = n
+
+            t0, c0 = time.perf_counter(), clock.total
+            # One call per method: more prompts than --batch-size form a queue inside the compiled
+            # loop (a finished row takes the next prompt), so no row waits for its batch's slowest.
+            g = sjd2_jax.generate(
+                model,
+                prompts,
+                method=method,
+                size=args.size,
+                seed=args.seed,  # image i of the run draws from (seed, i), whatever the batch size
+                temperature=args.temperature,
+                top_k=args.top_k,
+                top_p=args.top_p,
+                cfg_scale=args.cfg_scale,
+                batch_size=B,
+                on_progress=progress,
+                **opts,
+            )
+            compile_s = clock.total - c0
+            if method == args.method:
+                main_window = g.window
+            dt = max(time.perf_counter() - t0 - compile_s, 0.0) / len(prompts)
+            mine = set(placement.own_rows(len(prompts), mesh).tolist())  # multi-host: this host's rows
+            for i, prompt in enumerate(prompts):
+                if i not in mine:
+                    continue
+                if g.images is not None:  # the checkpoint has an image codec: generate decoded
+                    name = f"{prefix}{i:03d}.png"
+                    img = g.images[i].astype(np.float32) / 255.0
+                    to_png(img, tmp / name)
+                    pixels.append(img)
+                else:
+                    name = f"{prefix}{i:03d}.npy"
+                    np.save(tmp / name, g.codes[i])
+                records.append(
+                    {
+                        "prompt": prompt,
+                        "method": method,
+                        "window": int(g.window),
+                        "image": name,
+                        "tokens": int(g.plan.num_generated),
+                        "steps": int(g.steps[i]),
+                        "step_compression": round(float(g.step_compression[i]), 3),
+                        "seconds": round(dt, 4),
+                        "compile_seconds_of_run": round(compile_s, 2),
+                        "wasted_row_passes_of_run": round(g.wasted_fraction, 4),
+                        "seed": args.seed,
+                        "batch_size": B,
+                    }
                 )
-                compile_s = clock.total - c0
-                if method == args.method:
-                    main_window = g.window
-                dt = max(time.perf_counter() - t0 - compile_s, 0.0) / len(padded)
-                mine = set(placement.own_rows(len(padded), mesh).tolist())  # multi-host: this host's rows
-                for k, prompt in enumerate(chunk):
-                    if k not in mine:
-                        continue
-                    i = start + k
-                    if g.images is not None:  # the checkpoint has an image codec: generate decoded
-                        name = f"{prefix}{i:03d}.png"
-                        img = g.images[k].astype(np.float32) / 255.0
-                        to_png(img, tmp / name)
-                        pixels.append(img)
-                    else:
-                        name = f"{prefix}{i:03d}.npy"
-                        np.save(tmp / name, g.codes[k])
-                    records.append(
-                        {
-                            "prompt": prompt,
-                            "method": method,
-                            "window": int(g.window),
-                            "image": name,
-                            "tokens": int(g.plan.num_generated),
-                            "steps": int(g.steps[k]),
-                            "step_compression": round(float(g.step_compression[k]), 3),
-                            "seconds": round(dt, 4),
-                            "compile_seconds_of_batch": round(compile_s, 2),
-                            "seed": args.seed,
-                            "batch": b,
-                        }
-                    )
-                bar.update(len(chunk))
             if pixels:
                 grid = GRID_FILE if not prefix else f"grid-{method}.png"
                 to_png(tile(np.stack(pixels)), tmp / grid, args.grid_scale)

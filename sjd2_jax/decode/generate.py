@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -12,7 +14,16 @@ from sjd2_jax import families
 from sjd2_jax.codecs import load_codec
 from sjd2_jax.codecs.base import to_pixels_uint8
 from sjd2_jax.decode import placement
-from sjd2_jax.decode.engine import METHODS, DecodeSpec, Sampling, decode, input_table, row_keys, token_columns
+from sjd2_jax.decode.engine import (
+    METHODS,
+    DecodeSpec,
+    Sampling,
+    decode,
+    input_table,
+    progress_hook,
+    row_keys,
+    token_columns,
+)
 from sjd2_jax.decode.options import check_generate_options
 from sjd2_jax.io import checkpoint as ckpt
 from sjd2_jax.sjd2.schedule import NoiseConfig
@@ -47,6 +58,15 @@ class Generation:
     trace_drafts: np.ndarray | None = None  # [T, B, W-1] with trace=T: window drafts per iteration (-1 none)
     trace_done: np.ndarray | None = None  # [T, B]: tokens committed before each traced iteration
     images: np.ndarray | None = None  # uint8 [B, H, W, 3] when the checkpoint has an image codec
+    # Work of the decode loop in rows x passes: every row of every pass, and those spent on an
+    # unfinished image (= steps.sum()); the difference went to rows whose image was done.
+    row_passes: int = 0
+    useful_passes: int = 0
+
+    @property
+    def wasted_fraction(self) -> float:
+        """Share of the loop's row-passes spent on finished images."""
+        return 1.0 - self.useful_passes / max(self.row_passes, 1)
 
     @property
     def step_compression(self) -> np.ndarray:
@@ -90,6 +110,8 @@ def generate(
     top_k=None,
     top_p=None,
     cfg_scale=None,
+    batch_size: int | None = None,
+    on_progress=None,
     **method_options,
 ) -> Generation:
     """Generate one image's tokens per prompt.
@@ -112,6 +134,13 @@ def generate(
     the index of its first prompt in the run. (Tested bit-exact on CPU; on accelerators
     XLA may choose other kernels for other batch shapes, which can move the logits' last
     bits and, rarely, flip a sampled token.)
+    batch_size: rows decoded at once (default: every prompt). With more prompts than that,
+    the prompts form a queue inside the compiled loop (continuous batching): a row whose
+    image is done takes the next prompt at once, and when none is left the batch steps
+    down so finished rows stop riding along. Images and their order are the same as
+    without it (each depends on its prompt, seed and run index only). on_progress: called
+    with the number of finished images as that grows (from inside the loop with a queue,
+    else once at the end).
     Bad sampling values raise ValueError, and so do noise options that differ from the
     schedule the checkpoint was fine-tuned with, unless allow_schedule_mismatch=True.
     """
@@ -119,6 +148,10 @@ def generate(
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if isinstance(first_index, bool) or not isinstance(first_index, (int, np.integer)) or first_index < 0:
         raise ValueError(f"first_index must be an integer >= 0 (the first prompt's run index), got {first_index!r}")
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1
+    ):
+        raise ValueError(f"batch_size must be an integer >= 1 or None, got {batch_size!r}")
     saved = ckpt.generation_defaults(getattr(model, "path", None))
     method_options = check_generate_options(method, saved, method_options, (temperature, top_k, top_p, cfg_scale))
     method_options = {**saved.get("methods", {}).get(method, {}), **method_options}
@@ -178,17 +211,23 @@ def generate(
     stats = recorded_noise_stats(getattr(model, "path", None)) if method == "sjd2" else None
     if stats is None and method == "sjd2" and spec.noise.stats == "image":
         stats = embedding_stats(input_table(model.params, cfg, spec.head), jnp.asarray(plan.allowed))
-    r = decode(
-        model.params,
-        cfg,
-        spec,
-        *placement.place_rows(mesh, (jnp.asarray(_pad(rows, P)), jnp.asarray([len(x) for x in rows], jnp.int32))),
-        *placement.place_replicated(mesh, (jnp.asarray(plan.forced), jnp.asarray(plan.allowed))),
-        placement.place_rows(mesh, knobs),
-        placement.place_rows(mesh, row_keys(seed, first_index + np.arange(B_run))),
-        stats,
-        token_columns(plan.allowed, plan.forced),  # columns: sample over these ids only (same distribution)
-    )
+    queue = _queue_args(batch_size, B_run, mesh, on_progress is not None)
+    with progress_hook(lambda done: on_progress(min(done, B))) if queue.get("progress") else contextlib.nullcontext():
+        r = decode(
+            model.params,
+            cfg,
+            spec,
+            *placement.place_rows(mesh, (jnp.asarray(_pad(rows, P)), jnp.asarray([len(x) for x in rows], jnp.int32))),
+            *placement.place_replicated(mesh, (jnp.asarray(plan.forced), jnp.asarray(plan.allowed))),
+            placement.place_rows(mesh, knobs),
+            placement.place_rows(mesh, row_keys(seed, first_index + np.arange(B_run))),
+            stats,
+            token_columns(plan.allowed, plan.forced),  # columns: sample over these ids only (same distribution)
+            **queue,
+        )
+        jax.block_until_ready(r)  # (dispatch is asynchronous: the hook must outlive the loop)
+    if on_progress is not None and not queue.get("progress"):
+        on_progress(B)
     if mesh is not None:
         r = placement.result_rows(r, B)
     gen = np.asarray(r.tokens)
@@ -209,4 +248,15 @@ def generate(
         window=spec.window,
         trace_drafts=np.asarray(r.trace_drafts) if spec.trace else None,
         trace_done=np.asarray(r.trace_done) if spec.trace else None,
+        row_passes=int(r.row_passes),
+        useful_passes=int(r.useful_passes),
     )
+
+
+def _queue_args(batch_size: int | None, prompts: int, mesh, progress: bool) -> dict:
+    """decode's continuous-batching arguments: slots when fewer rows than prompts decode at once
+    (a multiple of the mesh's row shards, so every device holds the same number of rows)."""
+    if batch_size is None:
+        return {}
+    slots = placement.padded_rows(batch_size, mesh)
+    return {"slots": slots, "progress": progress} if slots < prompts else {}
