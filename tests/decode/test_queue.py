@@ -7,6 +7,8 @@ only, whatever row, refill or tail phase it went through; results come back in p
 and the work counters say how many row-passes were spent on finished rows.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -120,3 +122,39 @@ def test_tail_slots_and_bad_arguments(setup):
     assert tail_slots(2) == (1,) and tail_slots(1) == ()
     with pytest.raises(ValueError, match="tail must decrease"):
         run(setup, "ar", [0, 1, 2], slots=2, tail=(2,))
+
+
+def test_queue_loop_writes_the_kv_cache_in_place():
+    """No instruction inside any loop of the queue decode (passes, refills) copies a cache-sized
+    buffer: a refill writes the new prompt's slots into the carried buffers, like a pass."""
+    Q, B, n = 3, 2, 12
+    spec = DecodeSpec(method="sjd2", window=4, num_tokens=n, noise=NoiseConfig(num_levels=3))
+    args = (
+        numpy_params(CFG, 0),
+        CFG,
+        spec,
+        jnp.ones((Q, P), jnp.int32),
+        jnp.full((Q,), P),
+        jnp.full((n,), -1, jnp.int32),
+        jnp.ones((CFG.vocab_size,), bool),
+        Sampling.make(Q),
+        row_keys(0, range(Q)),
+    )
+    text = decode.lower(*args, slots=B, tail=()).compile().as_text()
+    layer = f"f32[{B},{CFG.num_kv_heads},{P + n + spec.window + spec.levels},{CFG.hd}]"
+    blocks = [b.strip().splitlines() for b in text.split("\n\n") if b.strip()]
+    computations = {re.match(r"(?:ENTRY )?%?([\w.\-]+)", b[0]).group(1): b[1:] for b in blocks}  # type: ignore[union-attr]
+    bodies = set(re.findall(r"body=%?([\w.\-]+)", text))
+    assert bodies, "no while loop in the compiled decode"
+    for branches in re.findall(r"branch_computations=\{([^}]*)\}", text):  # conditionals inside them too
+        bodies |= {b.strip().lstrip("%") for b in branches.split(",")}
+    bodies |= set(re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", text))
+    copies = [
+        line.strip()[:160]
+        for name in bodies
+        for line in computations[name]
+        if " = " in line and line.split(" = ", 1)[1].startswith(layer) and " copy(" in line
+    ]
+    assert not copies, "cache-sized copies inside the loops:\n" + "\n".join(copies)
+    # (the entry computation's copies of the zero-initialised cache happen once per decode)
+    assert layer in text
