@@ -4,7 +4,8 @@
         [--images 24] [--ar-seeds 0 1 2] [--base build/photo/ar/final]
 
 For every fine-tune named in --models: exact SJD2, and paper mode (exact=False) with each
---max-levels value (accept_max_level; "none" = unbounded), without and with recompute_noisy_kv.
+--max-levels value (accept_max_level; "none" = unbounded), and with recompute_noisy_kv for the
+--recompute-levels among them (--skip-base: only the fine-tunes; --no-exact: no exact SJD2).
 On --base (the AR model the fine-tunes start from): AR with every --ar-seeds (the noise floor:
 Frechet distance between two AR seeds' samples, and AR's spread) and training-free SJD at the
 same window. Quality is the Frechet distance of the photo features (benchmarks/photo/features.py)
@@ -35,9 +36,11 @@ def prompts_for(regime: PhotoRegime, images: int) -> list[str]:
     return [prompts[i] for i in order[:images]]
 
 
-def paper_configs(window: int, max_levels: list[str]) -> dict[str, dict]:
-    out: dict[str, dict] = {f"sjd2 exact W={window}": {"method": "sjd2", "window": window}}
+def paper_configs(window: int, max_levels: list[str], recompute_levels: list[str], exact: bool = True) -> dict:
+    out: dict[str, dict] = {f"sjd2 exact W={window}": {"method": "sjd2", "window": window}} if exact else {}
     for top, recompute in itertools.product(max_levels, (False, True)):
+        if recompute and top not in recompute_levels:
+            continue
         cfg = {"method": "sjd2", "window": window, "exact": False, "recompute_noisy_kv": recompute}
         if top != "none":
             cfg["accept_max_level"] = int(top)
@@ -51,6 +54,8 @@ def main(argv=None) -> int:
     p.add_argument("--base", type=Path, default=ROOT / "build" / "photo" / "ar" / "final")
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--max-levels", nargs="+", default=["none", "8", "4"])
+    p.add_argument("--recompute-levels", nargs="*", default=["none", "8", "4"], help="levels also run with recompute")
+    p.add_argument("--exact", action=argparse.BooleanOptionalAction, default=True, help="also exact SJD2")
     p.add_argument("--images", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ar-seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -65,8 +70,8 @@ def main(argv=None) -> int:
     regime = PhotoRegime()
     prompts = prompts_for(regime, args.images)
     out: dict = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "results": {}}
-    if args.skip_base and args.json.is_file():
-        out["results"]["base"] = json.loads(args.json.read_text())["results"]["base"]
+    if args.skip_base:
+        out["results"]["base"] = {}
     out["floor"] = regime.real_floor()
     t0 = time.time()
 
@@ -100,7 +105,7 @@ def main(argv=None) -> int:
         group, path = spec.split("=", 1)
         model = sjd2_jax.load(path)
         codec = load_codec(model.path)
-        for name, cfg in paper_configs(args.window, args.max_levels).items():
+        for name, cfg in paper_configs(args.window, args.max_levels, args.recompute_levels, args.exact).items():
             measure(model, codec, name, cfg, args.seed, group)
     save()
     return 0
