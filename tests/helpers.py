@@ -39,6 +39,22 @@ def tiny_chameleon_config():
     )
 
 
+def engine_chameleon_config():
+    """The engine tests' config: 3 heads of width 16 (an odd head count), vocabulary 64 with id 63 as end-of-line."""
+    from sjd2_jax.model.config import ModelConfig
+
+    return ModelConfig(
+        family="chameleon",
+        vocab_size=64,
+        hidden_size=48,
+        num_layers=2,
+        num_heads=3,
+        num_kv_heads=3,
+        intermediate_size=80,
+        qk_norm=True,
+    )
+
+
 def numpy_params(cfg, seed):
     """Random parameters like M.init_params, drawn with numpy: jax's RNG takes seconds
     to compile per weight shape on CPU."""

@@ -14,18 +14,9 @@ from sjd2_jax.model import transformer as M
 from sjd2_jax.model.config import ModelConfig
 from sjd2_jax.sjd2.schedule import NoiseConfig
 
-from helpers import numpy_params
+from helpers import engine_chameleon_config, numpy_params
 
-CFG = ModelConfig(
-    family="chameleon",
-    vocab_size=64,
-    hidden_size=48,
-    num_layers=2,
-    num_heads=3,
-    num_kv_heads=3,
-    intermediate_size=80,
-    qk_norm=True,
-)
+CFG = engine_chameleon_config()
 EOL = 63
 
 

@@ -87,7 +87,16 @@ def test_a_dangling_symlink_is_refused_before_the_block(tmp_path):
     assert ran == [] and link.is_symlink() and _entries(tmp_path) == ["out"]
 
 
-def test_a_signal_during_the_final_swap_waits_for_it(tmp_path, monkeypatch):
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handling, the precondition of the signal tests: a library or test that ran
+    earlier in the same worker may have installed another handler. Restored afterwards."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_a_signal_during_the_final_swap_waits_for_it(tmp_path, monkeypatch, python_sigint):
     """SIGINT arriving between the two renames is delivered after them: the folder is whole."""
     out = tmp_path / "out"
     out.mkdir()
