@@ -23,36 +23,25 @@ def expect_cli_error(argv, capsys, *needles) -> str:
     return err
 
 
-def tiny_chameleon_config():
-    """A two-layer Chameleon config small enough to compile a decode loop in seconds."""
+def tiny_chameleon_config(hidden: int = 32, heads: int = 2, mlp: int = 48):
+    """A two-layer Chameleon config (vocabulary 64, qk-norm) small enough to compile a decode loop in seconds."""
     from sjd2_jax.model.config import ModelConfig
 
     return ModelConfig(
         family="chameleon",
         vocab_size=64,
-        hidden_size=32,
+        hidden_size=hidden,
         num_layers=2,
-        num_heads=2,
-        num_kv_heads=2,
-        intermediate_size=48,
+        num_heads=heads,
+        num_kv_heads=heads,
+        intermediate_size=mlp,
         qk_norm=True,
     )
 
 
 def engine_chameleon_config():
     """The engine tests' config: 3 heads of width 16 (an odd head count), vocabulary 64 with id 63 as end-of-line."""
-    from sjd2_jax.model.config import ModelConfig
-
-    return ModelConfig(
-        family="chameleon",
-        vocab_size=64,
-        hidden_size=48,
-        num_layers=2,
-        num_heads=3,
-        num_kv_heads=3,
-        intermediate_size=80,
-        qk_norm=True,
-    )
+    return tiny_chameleon_config(hidden=48, heads=3, mlp=80)
 
 
 def numpy_params(cfg, seed):
