@@ -137,9 +137,19 @@ def test_a_folder_with_user_files_is_refused_and_kept(compare_run, tmp_path, cap
 
 def test_sigterm_during_a_run_leaves_no_temporary_folder(tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "infer", "--out", str(out), "--no-progress", "--batch-size", "1"]
+    # AR over 8 prompts one at a time: the run lasts long enough that the signal lands inside it.
+    argv = ["--out", str(out), "--no-progress", "--batch-size", "1", "--method", "ar"]
+    argv += [x for d in range(8) for x in ("--prompt", f"a {d}")]
+    # The launcher (a CI runner, an xdist worker) may hand down SIGTERM blocked or ignored, and both
+    # survive exec: start the CLI with SIGTERM unblocked and at its default, as from a shell.
+    launch = (
+        "import os, signal, sys; "
+        "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM}); "
+        "signal.signal(signal.SIGTERM, signal.SIG_DFL); "
+        "os.execv(sys.executable, [sys.executable, '-m', 'infer', *sys.argv[1:]])"
+    )
     proc = subprocess.Popen(
-        [*cmd, "--prompt", "a 1", "--prompt", "a 2", "--prompt", "a 3"],
+        [sys.executable, "-c", launch, *argv],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
