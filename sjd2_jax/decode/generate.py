@@ -20,11 +20,11 @@ from sjd2_jax.decode.engine import (
     Sampling,
     decode,
     input_table,
-    progress_hook,
     row_keys,
     token_columns,
 )
 from sjd2_jax.decode.options import check_generate_options
+from sjd2_jax.decode.queue import progress_hook
 from sjd2_jax.io import checkpoint as ckpt
 from sjd2_jax.sjd2.schedule import NoiseConfig
 from sjd2_jax.sjd2.standardize import EmbedStats, embedding_stats

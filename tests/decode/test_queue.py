@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sjd2_jax.decode.engine import DecodeSpec, Sampling, decode, row_keys, tail_slots
+from sjd2_jax.decode.engine import DecodeSpec, Sampling, decode, row_keys
+from sjd2_jax.decode.queue import tail_slots
 from sjd2_jax.sjd2.schedule import NoiseConfig
 
 from helpers import numpy_params, tiny_chameleon_config
