@@ -91,6 +91,18 @@ class DecodeSpec:
     # with probability min(1, q_new(d) / q_old(d)), else draws from normalize(max(q_new - q_old, 0)):
     # the new draft is still distributed as q_new, but changes only where q changed.
     coupled_refresh: bool = False
+    # clean_stream (exact SJD2): M clean copies of the window's first M positions from its first
+    # noisy one on, fed E[draft] at the same RoPE positions and attending only to the cache, the
+    # clean positions before them and the earlier copies. Their next-token distributions are
+    # exact, so the scan may pass up to M positions beyond the first noisy one; the copies' KV
+    # replace the noisy KV of the positions committed. Costs M more inputs per pass. 0 = off.
+    clean_stream: int = 0
+    # front_candidates (SJD, exact SJD2): A more candidates for window position 1, drawn i.i.d.
+    # from its q beside its draft and fed as extra inputs that see only the cache and position 0
+    # (a one-level tree). Position 1 is decided by recursive rejection sampling over the draft,
+    # then the candidates; an accepted candidate commits with a sample from its own output as
+    # the next token, its keys/values moved into place. Costs A more inputs per pass. 0 = off.
+    front_candidates: int = 0
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -118,6 +130,12 @@ class DecodeSpec:
             raise ValueError(f"clean_switch_level must be >= 0 and needs method sjd2 (got {self.clean_switch_level})")
         if self.coupled_refresh and self.method not in ("sjd", "sjd2"):
             raise ValueError(f"coupled_refresh needs method sjd or sjd2 (got {self.method})")
+        if self.front_candidates < 0 or (self.front_candidates and not (self.method == "sjd" or self.exact_sjd2)):
+            raise ValueError(f"front_candidates must be >= 0 and needs sjd or exact sjd2 (got {self.front_candidates})")
+        if self.clean_stream and not (self.exact_sjd2 and 0 < self.clean_stream < self.window):
+            raise ValueError(
+                f"clean_stream needs exact sjd2 and 0 <= M < window {self.window} (got {self.clean_stream})"
+            )
 
     @property
     def levels(self) -> int:
@@ -161,6 +179,7 @@ class Window:
     q: jax.Array  # [B, W-1, V] distribution each draft was drawn from
     z: jax.Array  # [B, W-1, D] standardized noisy input (SJD2)
     level: jax.Array  # int [B, W-1] noise level of each position's input (0 = clean)
+    alts: jax.Array  # int [B, A] front candidates for position 1, i.i.d. from q[:, 0] (A = front_candidates)
 
 
 @flax.struct.dataclass
@@ -219,11 +238,29 @@ class WindowInputs(NamedTuple):
     mask: jax.Array  # bool [R, T, T] among the new tokens
     sees_cache: jax.Array  # bool [R, T]
     cache_visible: jax.Array | None  # bool [R, T, K] over the cache's last K slots: each noisy position's timestep
+    # clean_stream: the last M inputs are clean copies of window positions first .. first + M - 1
+    # (first [B] = the first noisy position); copy_valid bool [B, M]: the copied position exists
+    # and holds a draft. Zero-width [B, 0] without the stream.
+    first_copy: jax.Array
+    copy_valid: jax.Array
+    # The input whose keys/values go to slot length + i [R, T] (mask's columns are in this order):
+    # the copies take the slots of the positions they copy, which move up by M. None = identity.
+    kv_order: jax.Array | None = None
+
+
+class FrontNext(NamedTuple):
+    """Front candidates, for the slide: the one that took position 1 [B] (-1: none), and every
+    candidate's next-token distribution [B, A, V] and sample [B, A] from this pass."""
+
+    taken: jax.Array
+    p: jax.Array
+    y: jax.Array
 
 
 class Verdict(NamedTuple):
     num_commit: jax.Array  # int [B] tokens to commit (before clipping to N)
     tokens: jax.Array  # int [B, W] the accepted drafts, then the corrected or bonus token
+    front: jax.Array  # int [B] the front candidate that took position 1, -1 = none
 
 
 def input_table(params, cfg: ModelConfig, head: str) -> jax.Array:
@@ -331,7 +368,8 @@ def cache_timestep_tokens(ctx: Context, cache: KVCache) -> KVCache:
 
     A timestep token attends only to itself at TIMESTEP_POSITION, so its keys/values are
     the same in every pass and row: one forward pass over the K tokens gives them.
-    The window never reaches these slots (capacity = P + N + W + K).
+    The window never reaches these slots (capacity = P + N + W + K + M + A: the clean copies
+    and front candidates are written after the window).
     """
     K, S = ctx.spec.levels, cache.capacity
     scratch = KVCache.create(ctx.cfg, 1, K, dtype=cache.k[0].dtype)
@@ -347,11 +385,12 @@ def cache_timestep_tokens(ctx: Context, cache: KVCache) -> KVCache:
 def fresh_positions(ctx: Context, keys: jax.Array) -> Window:
     """Positions 1..W-1 as they enter at the back of the window (method steps 1 and 5), one row per key.
 
-    SJD and JD: a uniformly random allowed token with a one-hot q. SJD2: pure noise at
-    the top level K and no draft until the model has predicted the position.
+    SJD and JD: a uniformly random allowed token with a one-hot q (so position 1's front
+    candidates are that token too). SJD2: pure noise at the top level K and no draft until
+    the model has predicted the position.
     """
     V, D = ctx.table.shape
-    n = ctx.spec.window - 1
+    n, A = ctx.spec.window - 1, ctx.spec.front_candidates
 
     def one_row(key) -> Window:
         k_token, k_noise = jax.random.split(key)
@@ -362,6 +401,7 @@ def fresh_positions(ctx: Context, keys: jax.Array) -> Window:
                 q=jnp.zeros((n, V), jnp.float32),
                 z=jax.random.normal(k_noise, (n, D), jnp.float32),
                 level=jnp.full((n,), ctx.spec.levels, jnp.int32),
+                alts=jnp.zeros((A,), jnp.int32),
             )
         # The r-th allowed entry for a uniform r: one integer per position (no draw over V), and the
         # same token ids whether the loop works on token ids or on columns (both keep id order).
@@ -373,6 +413,7 @@ def fresh_positions(ctx: Context, keys: jax.Array) -> Window:
             q=jax.nn.one_hot(token, V, dtype=jnp.float32),
             z=jnp.zeros((n, D), jnp.float32),
             level=jnp.zeros((n,), jnp.int32),
+            alts=jnp.broadcast_to(token[:1], (A,)),
         )
 
     return jax.vmap(one_row)(keys)
@@ -390,66 +431,146 @@ def force_structure(ctx: Context, window: Window, n_done: jax.Array) -> Window:
         q=jnp.where(is_forced[..., None], jax.nn.one_hot(jnp.maximum(token, 0), V, dtype=jnp.float32), window.q),
         z=jnp.where(is_forced[..., None], 0.0, window.z),
         level=jnp.where(is_forced, 0, window.level),
+        alts=jnp.where(is_forced[:, :1], token[:, :1], window.alts),
     )
 
 
 def window_inputs(ctx: Context, s: DecodeState) -> WindowInputs:
     """Method step 2, inputs: position 0 is E[newest token]; position i is E[d_i] when
-    clean, else the unstandardized noisy point mu + sd * z_i; then the K timestep tokens.
+    clean, else the unstandardized noisy point mu + sd * z_i; then the K timestep tokens
+    (unless they sit in the cache); then the clean stream's M copies of the positions from the
+    first noisy one on (they see the cache, the clean positions before them and the earlier
+    copies); then the A front candidates for position 1 (they see the cache and position 0).
 
     Masks and positions follow sjd2/masks.py (without timestep tokens: plain causal).
     """
-    B, W, D = ctx.batch, ctx.spec.window, ctx.table.shape[1]
-    K = ctx.spec.levels
+    B, W, M, A = ctx.batch, ctx.spec.window, ctx.spec.clean_stream, ctx.spec.front_candidates
+    K, R = ctx.spec.levels, s.cache.lengths.shape[0]
     w = s.window
     clean = jnp.take(ctx.table, w.drafts, axis=0).astype(jnp.float32)
     real = jnp.where((w.level > 0)[..., None], unstandardize(w.z, ctx.stats), clean)
+    level = jnp.concatenate([jnp.zeros((B, 1), jnp.int32), w.level], 1)
+    first = 1 + _leading_true(w.level == 0)  # the first noisy window position (W: none)
+    copy_at = first[:, None] + jnp.arange(M)[None]  # window position each copy stands for
+    copy_valid = copy_at <= W - 1
+    copy_valid &= _gather(w.has_draft, jnp.minimum(copy_at, W - 1) - 1)
     if K and ctx.spec.cache_timesteps:  # the timestep tokens sit in the cache's last K slots
-        level = jnp.concatenate([jnp.zeros((B, 1), jnp.int32), w.level], 1)
         mask, sees_cache = window_masks(level, 0)
         # Over the cache's last K slots (level l's timestep token is the l-th): attention visits
         # them as one block besides the filled prefix (model/attention.py).
         visible = (level > 0)[..., None] & (jnp.arange(K)[None, None] == level[..., None] - 1)
-        embeds = jnp.concatenate([s.last_emb[:, None].astype(jnp.float32), _both_branches(ctx.spec, real)], 1)
-        return WindowInputs(
-            embeds=embeds.astype(ctx.cfg.jnp_dtype),
-            positions=window_positions(s.cache.lengths, W, 0),
-            mask=_both_branches(ctx.spec, mask),
-            sees_cache=_both_branches(ctx.spec, sees_cache),
-            cache_visible=_both_branches(ctx.spec, visible),
-        )
-    timestep = jnp.broadcast_to(ctx.timestep_emb, (B, K, D))
-    mask, sees_cache = window_masks(jnp.concatenate([jnp.zeros((B, 1), jnp.int32), w.level], 1), K)
-    tail = _both_branches(ctx.spec, jnp.concatenate([real, timestep], 1))
-    embeds = jnp.concatenate([s.last_emb[:, None].astype(jnp.float32), tail], 1).astype(ctx.cfg.jnp_dtype)
+        tail, positions = real, window_positions(s.cache.lengths, W, 0)
+    else:
+        mask, sees_cache = window_masks(level, K)
+        visible = None
+        tail = jnp.concatenate([real, jnp.broadcast_to(ctx.timestep_emb, (B, K, real.shape[-1]))], 1)
+        positions = window_positions(s.cache.lengths, W, K)
+    if M:
+        copies = _gather(clean, jnp.minimum(copy_at, W - 1) - 1)
+        tail = jnp.concatenate([tail, copies], 1)
+        positions = jnp.concatenate([positions, s.cache.lengths[:, None] + _both_branches(ctx.spec, copy_at)], 1)
+        to_main = jnp.arange(mask.shape[-1])[None, None] < first[:, None, None]  # the clean positions 0..first-1
+        mask, sees_cache, visible = append_inputs(mask, sees_cache, visible, to_main, jnp.tril(jnp.ones((M, M), bool)))
+        kv_order = clean_stream_slots(first, mask.shape[-1] - M, M, mask.shape[-1] + A)
+    if A:  # front candidates for position 1: they see the cache and position 0
+        tail = jnp.concatenate([tail, jnp.take(ctx.table, w.alts, axis=0).astype(jnp.float32)], 1)
+        positions = jnp.concatenate([positions, jnp.broadcast_to(s.cache.lengths[:, None] + 1, (R, A))], 1)
+        to_zero = jnp.arange(mask.shape[-1])[None, None] == 0
+        mask, sees_cache, visible = append_inputs(mask, sees_cache, visible, to_zero, jnp.eye(A, dtype=bool))
+    embeds = jnp.concatenate([s.last_emb[:, None].astype(jnp.float32), _both_branches(ctx.spec, tail)], 1)
+    if M:  # the mask's columns (keys) in slot order
+        mask = jnp.take_along_axis(mask, kv_order[:, None, :], axis=2)
     return WindowInputs(
-        embeds=embeds,
-        positions=window_positions(s.cache.lengths, W, K),
+        embeds=embeds.astype(ctx.cfg.jnp_dtype),
+        positions=positions,  # (from the cache's R rows)
         mask=_both_branches(ctx.spec, mask),
         sees_cache=_both_branches(ctx.spec, sees_cache),
-        cache_visible=None,
+        cache_visible=None if visible is None else _both_branches(ctx.spec, visible),
+        first_copy=first,
+        copy_valid=copy_valid,
+        kv_order=_both_branches(ctx.spec, kv_order) if M else None,
     )
+
+
+def clean_stream_slots(first: jax.Array, copies_at: int, M: int, T: int) -> jax.Array:
+    """int [B, T]: the input written to slot length + i. Window positions 0..first-1 keep their
+    slots; the M copies (inputs copies_at ..) take slots first .. first+M-1, so the committed
+    positions' keys/values are the clean ones with no move after the pass; the window positions
+    from first on move up by M; the inputs after the window (timestep tokens) and after the
+    copies (front candidates) keep the order they have, past the window and the copies."""
+    i = jnp.arange(T)[None]
+    f = first[:, None]
+    # slots f+M .. copies_at+M-1 hold inputs f .. copies_at-1: the rest of the window, then the
+    # timestep tokens when they are fed with it
+    order = jnp.where(i < f, i, jnp.where(i < f + M, copies_at + i - f, i - M))
+    return jnp.where(i >= copies_at + M, i, order).astype(jnp.int32)  # front candidates
+
+
+def append_inputs(mask, sees_cache, visible, to_before, among):
+    """Extend the pass's masks [B, T, T] / [B, T] / [B, T, K] by E inputs at the end that see the
+    cache, the earlier inputs where to_before [B or 1, E or 1, T] and each other where among
+    [E, E], and no timestep token; no earlier input sees them."""
+    B, T = sees_cache.shape
+    E = among.shape[0]
+    below = jnp.concatenate([jnp.broadcast_to(to_before, (B, E, T)), jnp.broadcast_to(among[None], (B, E, E))], 2)
+    mask = jnp.concatenate([jnp.concatenate([mask, jnp.zeros((B, T, E), bool)], 2), below], 1)
+    sees_cache = jnp.concatenate([sees_cache, jnp.ones((B, E), bool)], 1)
+    if visible is not None:
+        visible = jnp.concatenate([visible, jnp.zeros((B, E, visible.shape[-1]), bool)], 1)
+    return mask, sees_cache, visible
 
 
 def next_token_probs(ctx: Context, s: DecodeState, inputs: WindowInputs) -> tuple[jax.Array, KVCache]:
     """Method step 2, pass: one forward pass over the window, classifier-free guidance,
-    then the family's logits processing into p_0..p_{W-1} [B, W, V].
+    then the family's logits processing into p_0..p_{W-1} [B, W, V], followed by the next-token
+    distributions after the A front candidates ([B, W + A, V] in all).
 
     Returns the cache with the window's keys/values written past the committed
-    lengths (not committed yet).
+    lengths (not committed yet). With the clean stream, p_j for the copied positions comes
+    from their copies, whose keys/values sit in the slots of the positions they copy.
     """
     spec, B, W = ctx.spec, ctx.batch, ctx.spec.window
+    C, A = spec.clean_stream, spec.front_candidates
     hidden, cache = M.forward(
         ctx.params, ctx.cfg, inputs.embeds, inputs.positions,
         mask=inputs.mask, cache=s.cache, sees_cache=inputs.sees_cache, cache_visible=inputs.cache_visible,
+        kv_order=inputs.kv_order,
     )  # fmt: skip
     assert cache is not None
-    logits = _head(ctx.head_params, ctx.cfg, spec.head, hidden[:, :W])
+    T = hidden.shape[1]
+    if C or A:  # the window, then the copies and candidates (the timestep tokens have no output)
+        hidden = jnp.concatenate([hidden[:, :W], hidden[:, T - C - A :]], 1)
+    logits = _head(ctx.head_params, ctx.cfg, spec.head, hidden[:, : W + C + A])
     if spec.guidance:
         logits = S.guide(logits[:B], logits[B:], ctx.knobs.cfg_scale, spec.guidance_mode)
-    forced = jnp.take(ctx.forced, s.n_done[:, None] + jnp.arange(W)[None])  # for the token p_j predicts
+    if C:
+        window_logits = _from_copies(logits[:, :W], logits[:, W : W + C], inputs.first_copy, inputs.copy_valid)
+        logits = jnp.concatenate([window_logits, logits[:, W + C :]], 1)
+    # The token p_j predicts has generated index n_done + j; after a front candidate, n_done + 1.
+    index = jnp.concatenate([jnp.arange(W), jnp.ones((A,), jnp.int32)])
+    forced = jnp.take(ctx.forced, s.n_done[:, None] + index[None])
     k = ctx.knobs
     return S.process(logits, ctx.allowed, forced, k.temperature, k.top_k, k.top_p), cache
+
+
+def _from_copies(window_values, copy_values, first, valid):
+    """[B, W, ...] window values with positions first .. first + M - 1 taken from the M copies
+    [B, M, ...] where the copy is valid."""
+    c = jnp.arange(window_values.shape[1])[None] - first[:, None]  # copy index of each position
+    inside = (c >= 0) & (c < copy_values.shape[1])
+    use = inside & _gather(valid, jnp.clip(c, 0, copy_values.shape[1] - 1))
+    from_copy = _gather(copy_values, jnp.clip(c, 0, copy_values.shape[1] - 1))
+    return jnp.where(use.reshape(use.shape + (1,) * (window_values.ndim - 2)), from_copy, window_values)
+
+
+def exact_upto(spec: DecodeSpec, window: Window) -> jax.Array | None:
+    """SJD2: int [B], p_j counts as exact (computed from clean inputs) for window index j below
+    it: every position before the first with a level above `pass_max_level`, plus the M copied
+    positions of the clean stream. None for the other methods (every input is clean)."""
+    top = spec.pass_max_level
+    if top is None:
+        return None
+    return 1 + _leading_true(window.level <= top) + spec.clean_stream
 
 
 def verify(ctx: Context, window: Window, p: jax.Array, y: jax.Array, keys_accept, keys_residual) -> Verdict:
@@ -461,25 +582,27 @@ def verify(ctx: Context, window: Window, p: jax.Array, y: jax.Array, keys_accept
     if all passed the bonus y_{W-1} ~ p_{W-1}. Exact SJD2 scans past a position only
     if every input before it was clean; a draft accepted at a noisy-input position is
     committed, but nothing after it. Paper mode does the same with inputs at levels up to
-    accept_max_level counting as clean (None: every level).
+    accept_max_level counting as clean (None: every level). With the clean stream, p_j is
+    exact for M more positions (`exact_upto`). With front candidates (p [B, W + A, V]: their
+    next-token distributions after the window's), a rejected draft at position 1 goes on to
+    them (`front_verdict`).
     """
     spec = ctx.spec
     B, W = ctx.batch, spec.window
     if W == 1:  # AR: no drafts, commit the sample from p_0
-        return Verdict(num_commit=jnp.ones((B,), jnp.int32), tokens=y)
+        return Verdict(num_commit=jnp.ones((B,), jnp.int32), tokens=y, front=jnp.full((B,), -1, jnp.int32))
     d = window.drafts
     if spec.method == "jacobi":
-        ok = d == y[:, :-1]
+        ok = d == y[:, : W - 1]
     else:
-        p_d = jnp.take_along_axis(p[:, :-1], d[..., None], -1)[..., 0]
+        p_d = jnp.take_along_axis(p[:, : W - 1], d[..., None], -1)[..., 0]
         q_d = jnp.take_along_axis(window.q, d[..., None], -1)[..., 0]
         u = jax.vmap(lambda k: jax.random.uniform(k, (W - 1,)))(keys_accept)
         ok = u * q_d < p_d
     ok = ok & window.has_draft
-    top = spec.pass_max_level
-    if top is not None:  # exact: p_{i-1} is exact only if every input before position i was clean
-        low = (window.level <= top).astype(jnp.int32)
-        ok = ok & jnp.concatenate([jnp.ones((B, 1), bool), jnp.cumprod(low[:, :-1], 1).astype(bool)], 1)
+    upto = exact_upto(spec, window)
+    if upto is not None:  # exact: position i is tested only if p_{i-1} came from clean inputs
+        ok = ok & (jnp.arange(W - 1)[None] < upto[:, None])
     if spec.recompute_noisy_kv:  # committed tokens re-fed for clean KV: already accepted
         ok = ok | (window.level == PINNED)
     a = _leading_true(ok)
@@ -490,13 +613,45 @@ def verify(ctx: Context, window: Window, p: jax.Array, y: jax.Array, keys_accept
         rejected = jnp.minimum(a, W - 2)  # index of position a+1 among 1..W-1 (unused if all passed)
         q_next = jnp.where(_at(window.has_draft, rejected)[:, None], _at(window.q, rejected), 0.0)
         correction = S.sample_rows(keys_residual, S.residual(_at(p, a), q_next))
+    front = jnp.full((B,), -1, jnp.int32)
+    if spec.front_candidates:  # position 1's draft rejected: its candidates, by recursive rejection
+        front, first = front_verdict(window, p[:, 0], keys_accept, keys_residual)
+        rejected_1 = (a == 0) & window.has_draft[:, 0]
+        correction = jnp.where(rejected_1, first, correction)
+        front = jnp.where(rejected_1, front, -1)
     after = jnp.where(a == W - 1, y[:, W - 1], correction)
     tokens = jnp.where(jnp.arange(W)[None] == a[:, None], after[:, None], jnp.pad(d, ((0, 0), (0, 1))))
     count = a + 1
-    if top is not None:  # a draft accepted above the bound ends the pass: no token after it
-        stopped_above = (a > 0) & (_at(window.level, jnp.maximum(a - 1, 0)) > top)
-        count = jnp.where(stopped_above, a, count)
-    return Verdict(num_commit=count, tokens=tokens)
+    if upto is not None:  # p_a is not exact (position a was noisy): the pass ends with the draft at a
+        count = jnp.where((a > 0) & (a >= upto), a, count)
+    return Verdict(num_commit=count, tokens=tokens, front=front)
+
+
+def front_verdict(window: Window, p0, keys_accept, keys_residual):
+    """Position 1 after its draft d_1 ~ q_1 was rejected, over its A candidates (i.i.d. ~ q_1):
+    recursive rejection sampling. The target starts at r = normalize(max(p_0 - q_1, 0)) (what a
+    rejection leaves); candidate j is accepted with probability min(1, r(x_j) / q_1(x_j)), and
+    each rejection replaces r by normalize(max(r - q_1, 0)); if all are rejected, a draw from
+    the last r. Each step is the speculative-sampling identity, so position 1's token is
+    distributed as p_0 overall. (An accepted candidate's own output is the exact next-token
+    distribution after it: `slide` makes the next window's first draft from it.)
+
+    Returns (candidate index taken [B] or -1, position 1's token [B]).
+    """
+    q1, alts = window.q[:, 0], window.alts
+    B, A = alts.shape
+    r = S.residual(p0, q1)
+    u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 3), (A,)))(keys_accept)
+    taken = jnp.full((B,), -1, jnp.int32)
+    at = lambda dist, x: jnp.take_along_axis(dist, x[:, None], -1)[:, 0]
+    for j in range(A):  # A is small and static
+        x = alts[:, j]
+        take = (taken < 0) & (u[:, j] * at(q1, x) < at(r, x))
+        taken = jnp.where(take, j, taken)
+        r = jnp.where((taken < 0)[:, None], S.residual(r, q1), r)
+    last = S.sample_rows(keys_residual, r)
+    first = jnp.where(taken >= 0, _at(alts, jnp.maximum(taken, 0)), last)
+    return taken, first
 
 
 def commit(ctx: Context, s: DecodeState, cache: KVCache, tokens: jax.Array, count: jax.Array) -> DecodeState:
@@ -548,6 +703,7 @@ def pin_refed(ctx: Context, window: Window, out: jax.Array, n_done: jax.Array, r
         q=jnp.where(pinned[..., None], one_hot, window.q),
         z=jnp.where(pinned[..., None], 0.0, window.z),
         level=jnp.where(pinned, PINNED, window.level),
+        alts=window.alts,  # (front candidates are not used in paper mode)
     )
 
 
@@ -570,14 +726,17 @@ def coupled_drafts(window: Window, old, survives, q_new, y, keys) -> jax.Array:
     return jnp.where(keep, d_old, jnp.where(had, redraw, y))
 
 
-def slide(ctx: Context, window: Window, p, y, count, n_done, keys) -> Window:
+def slide(ctx: Context, window: Window, p, y, count, n_done, keys, front: FrontNext | None = None) -> Window:
     """Method step 5: shift the window past the `count` committed tokens.
 
     New position i takes the pass's sample y_{count+i-1} as its draft (q = p_{count+i-1});
     with `coupled_refresh` a surviving position may keep its old draft instead
     (`coupled_drafts`). An SJD2 position that survives also takes one denoise step toward
     its draft, and with `clean_switch_level` turns clean once its level falls that low;
-    positions beyond the pass are fresh. Structure tokens are then forced (step 6).
+    positions beyond the pass are fresh. When a front candidate took position 1 (`front`), the
+    new position 1 is the token after it: drafted from the candidate's own output (its exact
+    next-token distribution, so the next pass accepts it almost surely) and fed clean. Position
+    1's front candidates are then drawn from its q. Structure tokens are forced last (step 6).
     """
     spec, W = ctx.spec, ctx.spec.window
     if W == 1:
@@ -601,14 +760,32 @@ def slide(ctx: Context, window: Window, p, y, count, n_done, keys) -> Window:
         z, level = jnp.where(survives[..., None], z, fresh.z), jnp.where(survives, level, fresh.level)
         if spec.clean_switch_level:  # input E[draft] from now on; q stays the draft's own
             level = jnp.where(survives & (level > 0) & (level <= spec.clean_switch_level), 0, level)
+    q = jnp.where(from_pass[..., None], q, fresh.q)
+    drafts, has_draft = jnp.where(from_pass, drafts, fresh.drafts), from_pass | fresh.has_draft
+    if front is not None and spec.front_candidates:
+        took = (front.taken >= 0)[:, None] & (jnp.arange(W - 1)[None] == 0)
+        chosen = jnp.maximum(front.taken, 0)
+        drafts = jnp.where(took, _at(front.y, chosen)[:, None], drafts)
+        q = jnp.where(took[..., None], _at(front.p, chosen)[:, None], q)
+        has_draft, level = has_draft | took, jnp.where(took, 0, level)
     slid = Window(
-        drafts=jnp.where(from_pass, drafts, fresh.drafts),
-        has_draft=from_pass | fresh.has_draft,
-        q=jnp.where(from_pass[..., None], q, fresh.q),
+        drafts=drafts,
+        has_draft=has_draft,
+        q=q,
         z=z,
         level=level,
+        alts=front_alternatives(q[:, 0], spec.front_candidates, keys),
     )
     return force_structure(ctx, slid, n_done)
+
+
+def front_alternatives(q1: jax.Array, A: int, keys: jax.Array) -> jax.Array:
+    """A front candidates per row [B, A], i.i.d. from position 1's q1 [B, C] (one-hot q: its draft),
+    from keys folded from `keys` (the other random streams stay as without them)."""
+    if not A:
+        return jnp.zeros((q1.shape[0], 0), jnp.int32)
+    k_alt = jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys)
+    return S.sample_rows(k_alt, jnp.broadcast_to(q1[:, None], (q1.shape[0], A, q1.shape[1])))
 
 
 def record_trace(spec: DecodeSpec, s: DecodeState) -> tuple[jax.Array, jax.Array]:
@@ -723,7 +900,7 @@ def decode(
         allowed=allowed,
         head_params=head_params,
     )
-    capacity = P + N + W + K
+    capacity = P + N + W + K + spec.clean_stream + spec.front_candidates  # (copies, candidates after the window)
 
     def iteration(s: DecodeState, ctx: Context = ctx) -> DecodeState:
         active = s.n_done < N
@@ -731,10 +908,12 @@ def decode(
         p, cache = next_token_probs(ctx, s, window_inputs(ctx, s))
         y = S.sample_rows(k_sample, p)  # the model's own sample after every window position
         verdict = verify(ctx, s.window, p, y, k_accept, k_residual)
+        after_front = FrontNext(verdict.front, p[:, W:], y[:, W:])  # (empty without front candidates)
+        p, y = p[:, :W], y[:, :W]
         count = jnp.where(active, jnp.minimum(verdict.num_commit, N - s.n_done), 0)  # the last pass may overshoot N
         count, refed = split_refed(ctx, s.window, count, s.n_done)  # paper mode's KV recompute (else refed 0)
         new = commit(ctx, s, cache, verdict.tokens, count)
-        window = slide(ctx, s.window, p, y, count, new.n_done, k_fresh)
+        window = slide(ctx, s.window, p, y, count, new.n_done, k_fresh, after_front)
         window = pin_refed(ctx, window, new.out, new.n_done, refed)
         trace_drafts, trace_done = record_trace(spec, s)
         return dataclasses.replace(

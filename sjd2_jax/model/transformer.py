@@ -251,6 +251,7 @@ def forward(
     cache: KVCache | None = None,
     sees_cache: jax.Array | None = None,
     cache_visible: jax.Array | None = None,
+    kv_order: jax.Array | None = None,
     remat: bool | str = False,
     mask_spec: MaskSpec | None = None,
     attention_cfg: AttentionConfig | None = None,
@@ -265,9 +266,11 @@ def forward(
     sees_cache [B, T] (default all True). lengths are not advanced (see cache.py).
     cache_visible (with a cache): bool [B, T, X], further slots each query sees among the
     cache's last X slots (X <= capacity; SJD2's timestep tokens, written once into reserved
-    slots past the window). With a cache, attention_cfg.cached picks the kernel: "filled"
-    (default) visits only slots up to max(lengths) + T plus those last X < capacity slots,
-    "dense" scores every slot.
+    slots past the window). kv_order (with a cache): int [B, T], the new token whose keys/values
+    go to slot lengths[b] + i (a permutation of 0..T-1; default the identity); mask's columns
+    then index slots in that order, its rows stay the new tokens in input order.
+    With a cache, attention_cfg.cached picks the kernel: "filled" (default) visits only
+    slots up to max(lengths) + T plus those last X < capacity slots, "dense" scores every slot.
     remat (training, no cache): "full" / True recomputes each layer's activations in the
     backward pass, "dots" keeps the projection matmul outputs and recomputes the rest,
     "none" / False keeps everything.
@@ -332,6 +335,9 @@ def forward(
 
                 def kv_cached(k, v, i=i):
                     assert kv is not None and cache is not None
+                    if kv_order is not None:  # [B, KV, T, Dh]: the T new entries in slot order
+                        k = jnp.take_along_axis(k, kv_order[:, None, :, None], axis=2)
+                        v = jnp.take_along_axis(v, kv_order[:, None, :, None], axis=2)
                     ck = write_rows(kv["k"][i], k, cache.lengths)
                     cv = write_rows(kv["v"][i], v, cache.lengths)
                     kv["k"][i], kv["v"][i] = ck, cv

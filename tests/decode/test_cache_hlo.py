@@ -45,10 +45,16 @@ def _loop_body(text: str, carried: tuple[str, ...]) -> list[str]:
     raise AssertionError("no decode while loop found in the compiled text")
 
 
-@pytest.mark.parametrize("method", ["ar", "sjd2"])
-def test_decode_loop_writes_the_kv_cache_in_place(method):
+@pytest.mark.parametrize(
+    "method,extra",
+    [("ar", {}), ("sjd2", {}), ("sjd2", {"clean_stream": 2, "front_candidates": 2})],
+    ids=["ar", "sjd2", "sjd2-stream-front"],
+)
+def test_decode_loop_writes_the_kv_cache_in_place(method, extra):
+    """With the clean stream and front candidates the pass writes more entries, the copies' in
+    the slots of the positions they copy (forward's kv_order): still one in-place write."""
     B, P, N = 2, 8, 40
-    spec = DecodeSpec(method=method, window=6, num_tokens=N, noise=NoiseConfig(num_levels=3))
+    spec = DecodeSpec(method=method, window=6, num_tokens=N, noise=NoiseConfig(num_levels=3), **extra)
     params = M.init_params(CFG, jax.random.key(0))
     args = (
         params,
@@ -62,7 +68,7 @@ def test_decode_loop_writes_the_kv_cache_in_place(method):
         row_keys(0, range(B)),
     )
     text = decode.lower(*args).compile().as_text()
-    S = P + N + spec.window + spec.levels  # the capacity decode allocates
+    S = P + N + spec.window + spec.levels + spec.clean_stream + spec.front_candidates  # decode's capacity
     layer = f"f32[{B},{CFG.num_kv_heads},{S},{CFG.hd}]"
     stacked = f"f32[{CFG.num_layers},{B},{CFG.num_kv_heads},{S},{CFG.hd}]"
     body = _loop_body(text, (layer, stacked))
