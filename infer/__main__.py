@@ -123,6 +123,32 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="SJD2 denoise target: the sampled token's embedding or the probability-weighted mean",
     )
+    x = p.add_argument_group(
+        "lossless switches (off by default; the output distribution stays exactly AR's, docs/design.md)"
+    )
+    x.add_argument(
+        "--coupled-refresh",
+        action="store_true",
+        help="sjd, sjd2: keep a surviving draft with probability min(1, q_new/q_old), else redraw from the residual",
+    )
+    x.add_argument(
+        "--clean-switch-level",
+        type=int,
+        default=None,
+        help="sjd2 (exact): feed a position its draft's clean embedding once its level falls to this",
+    )
+    x.add_argument(
+        "--clean-stream",
+        type=int,
+        default=None,
+        help="sjd2 (exact): M clean copies of the first noisy positions verify past them (M more inputs per pass)",
+    )
+    x.add_argument(
+        "--front-candidates",
+        type=int,
+        default=None,
+        help="sjd, sjd2 (exact): A more candidates for the first window position, recursive rejection sampling",
+    )
     p.add_argument(
         "--compare",
         action="store_true",
@@ -208,11 +234,30 @@ def _check_args(args) -> None:
             ("--paper-mode", args.paper_mode or None),
             ("--e0-hat", args.e0_hat),
             ("--denoise-stride", args.denoise_stride),
+            ("--clean-switch-level", args.clean_switch_level),
+            ("--clean-stream", args.clean_stream),
         )
         if v is not None
     ]
     if sjd2_only and args.method != "sjd2":
         raise InferError(f"{', '.join(sjd2_only)} apply to --method sjd2 only")
+    speculative = [
+        n
+        for n, v in (("--coupled-refresh", args.coupled_refresh or None), ("--front-candidates", args.front_candidates))
+        if v is not None
+    ]
+    if speculative and args.method not in ("sjd", "sjd2"):
+        raise InferError(f"{', '.join(speculative)} apply to --method sjd or sjd2 only")
+    exact_only = [
+        n
+        for n, v in (("--clean-stream", args.clean_stream), ("--front-candidates", args.front_candidates))
+        if v is not None
+    ]
+    if exact_only and args.paper_mode:
+        raise InferError(f"{', '.join(exact_only)} need exact verification: not with --paper-mode")
+    for name in ("clean_switch_level", "clean_stream", "front_candidates"):
+        if (v := getattr(args, name)) is not None and v < 0:
+            raise InferError(f"{_flag(name)} must be >= 0 (got {v})")
 
 
 def _check_model_defaults(args, model_dir) -> None:
@@ -348,6 +393,11 @@ def _method_options(args) -> dict:
         opts["denoise_stride"] = args.denoise_stride
     if args.allow_schedule_mismatch:
         opts["allow_schedule_mismatch"] = True
+    if args.coupled_refresh:
+        opts["coupled_refresh"] = True
+    for name in ("clean_switch_level", "clean_stream", "front_candidates"):
+        if getattr(args, name) is not None:
+            opts[name] = getattr(args, name)
     return opts
 
 

@@ -316,6 +316,46 @@ def test_bad_arguments(tmp_path, capsys, no_work):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize(
+    "argv,expect",
+    [
+        (["--method", "sjd", "--clean-stream", "4"], "--clean-stream apply to --method sjd2 only"),
+        (["--method", "ar", "--coupled-refresh"], "--coupled-refresh apply to --method sjd or sjd2 only"),
+        (["--method", "jacobi", "--front-candidates", "2"], "--front-candidates apply to --method sjd or sjd2"),
+        (["--paper-mode", "--clean-stream", "4"], "--clean-stream need exact verification: not with --paper-mode"),
+        (["--clean-switch-level", "-1"], "--clean-switch-level must be >= 0 (got -1)"),
+    ],
+)
+def test_lossless_switches_are_checked_before_work(tmp_path, capsys, no_work, argv, expect):
+    assert _infer(["--prompt", "a 1", *argv, "--out", str(tmp_path / "o")]) == 2
+    _one_error_line(capsys.readouterr().err, expect)
+    assert not (tmp_path / "o").exists()
+
+
+def test_lossless_switches_reach_generate(tmp_path, capsys, monkeypatch):
+    """The switch flags become generate's options for the asked method (a stub generate stops the
+    run after recording them; the run then leaves nothing behind)."""
+    seen = {}
+
+    def generate(model, prompts, method, **kw):
+        seen[method] = kw
+        raise ValueError("stub generate: stop here")
+
+    monkeypatch.setattr(sjd2_jax, "generate", generate)
+    argv = ["--prompt", "a 1", "--out", str(tmp_path / "o"), "--no-progress"]
+    argv += ["--coupled-refresh", "--clean-switch-level", "8", "--clean-stream", "4", "--front-candidates", "3"]
+    assert _infer(argv) == 2
+    _one_error_line(capsys.readouterr().err, "stub generate: stop here")
+    opts = seen["sjd2"]
+    assert (opts["coupled_refresh"], opts["clean_switch_level"], opts["clean_stream"], opts["front_candidates"]) == (
+        True,
+        8,
+        4,
+        3,
+    )
+    assert not (tmp_path / "o").exists()
+
+
 def test_unknown_flag_is_a_usage_message():
     r = subprocess.run([sys.executable, "-m", "infer", "--no-such-flag"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2
