@@ -42,6 +42,7 @@ NOISE_OPTIONS = {
     "denoise_stride": "denoise_stride",
 }
 SPEC_OPTIONS: tuple[str, ...] = ("window", "exact", "trace", "clean_switch_level", "coupled_refresh", "clean_stream")
+SPEC_OPTIONS += ("front_candidates",)
 SPEC_OPTIONS += ("accept_max_level", "recompute_noisy_kv")  # paper mode (exact=False)
 PROMPT_BUCKET = 64  # prompts are padded to a multiple of this, so lengths share compilations
 
@@ -124,7 +125,8 @@ def generate(
     e0_hat ("sample" | "mean"), stats ("all" | "image"), pure_noise_top, denoise_stride
     (levels per denoise step); trace=T records the window drafts of the first T iterations
     (Generation.trace_drafts / trace_done, for trajectory plots); the lossless switches
-    clean_switch_level and clean_stream (exact SJD2) and coupled_refresh (SJD, SJD2), and paper mode's
+    clean_switch_level and clean_stream (exact SJD2), coupled_refresh and front_candidates (SJD,
+    SJD2), and paper mode's
     accept_max_level and recompute_noisy_kv (SJD2 with exact=False), see DecodeSpec. SJD2 uses the
     noise statistics the checkpoint records (`recorded_noise_stats`) when it has them.
     Randomness: prompts[k] is image first_index + k of the run, and every random draw
@@ -192,6 +194,7 @@ def generate(
             clean_switch_level=int(method_options.get("clean_switch_level", 0)),
             coupled_refresh=bool(method_options.get("coupled_refresh", False)),
             clean_stream=int(method_options.get("clean_stream", 0)),
+            front_candidates=int(method_options.get("front_candidates", 0)),
             accept_max_level=None if (top := method_options.get("accept_max_level")) is None else int(top),
             recompute_noisy_kv=bool(method_options.get("recompute_noisy_kv", False)),
         )

@@ -65,6 +65,22 @@ def test_greedy_methods_agree_per_family(models, family):
         assert np.all(r.steps <= ref.steps) and np.all((r.accepted > 0).sum(1) == r.steps)
 
 
+def test_greedy_with_every_lossless_switch_agrees_with_ar(models):
+    """generate passes the lossless switches through (Lumina layout, the family's guidance): with
+    greedy sampling SJD2 with all four, and SJD with coupling and front candidates, give AR's tokens."""
+    m = models["chameleon"]
+    ref = sjd2_jax.generate(m, PROMPTS, method="ar", size=SIZES["chameleon"], temperature=0.0)
+    switches = {
+        "sjd2": {"window": 6, "levels": 3, "clean_switch_level": 1, "coupled_refresh": True},
+        "sjd": {"window": 5, "coupled_refresh": True, "front_candidates": 2},
+    }
+    switches["sjd2"] |= {"clean_stream": 2, "front_candidates": 2}
+    for method, opts in switches.items():
+        r = sjd2_jax.generate(m, PROMPTS, method=method, size=SIZES["chameleon"], temperature=0.0, **opts)
+        np.testing.assert_array_equal(r.tokens, ref.tokens, err_msg=method)
+        assert np.all(r.steps < ref.steps)
+
+
 def test_sampled_generation_respects_layout_and_no_recompile(models, monkeypatch):
     m = models["emu3"]
     traced_once = jax.jit(chex.assert_max_traces(decode.__wrapped__, n=1), static_argnames=("cfg", "spec"))
