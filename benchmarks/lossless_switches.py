@@ -99,19 +99,24 @@ def main(argv=None) -> int:
     ap.add_argument("--photo-model", default=str(ROOT / "build" / "photo" / "sjd2" / "final"))
     ap.add_argument("--demo-model", default=None)
     ap.add_argument("--json", default=str(RESULTS / "lossless_switches.json"))
+    ap.add_argument("--resume", action="store_true", help="keep the configs already in --json, run the rest")
     args = ap.parse_args(argv)
 
     import sjd2_jax
 
     result: dict = {"args": vars(args), "regimes": {}}
+    if args.resume and Path(args.json).exists():
+        result["regimes"] = json.loads(Path(args.json).read_text())["regimes"]
     for regime in args.regimes:
         path = args.photo_model if regime == "photo" else (args.demo_model or sjd2_jax.DEMO_MODEL)
         model = sjd2_jax.load(path)
         prompts = regime_prompts(regime, args.per_class)
         res: dict[str, Any] = {"model": str(path), "prompts": len(prompts), "configs": {}}
-        result["regimes"][regime] = res
+        res = result["regimes"].setdefault(regime, res)
         for window in args.windows:
             for name, cfg in configs(window, args.switch_levels, args.streams, args.fronts).items():
+                if name in res["configs"]:
+                    continue
                 opts = dict(cfg)
                 method = opts.pop("method")
                 steps, tokens = [], 0
