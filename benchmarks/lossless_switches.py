@@ -9,10 +9,10 @@ Every switch keeps the output distribution exactly AR's (tests/decode/test_lossl
 so quality is AR's by construction and only step compression (generated tokens / forward
 passes, per image: mean over the set, p10 / p50 / p90) is measured, with the pass's inputs
 (W plus the clean copies and front candidates) as its cost. Configs per window: sjd2, sjd,
-sjd2 + coupled refresh, sjd2 + a clean stream of each M in --streams (and the largest with
-coupled refresh), sjd2 and sjd + A front candidates for each A in --fronts, sjd2 + all three,
-sjd2 + clean switch at each level of --switch-levels (and the highest with coupled refresh),
-sjd + coupled refresh. All configs of a regime use the same prompts (`per_class` per digit or
+sjd2 + coupled refresh, sjd + coupled refresh (the lossless baseline), sjd2 + a clean stream of
+each M in --streams (and the largest with coupled refresh), sjd2 and sjd + A front candidates
+for each A in --fronts, sjd2 + all three, sjd2 + clean switch at each level of --switch-levels
+(and the highest with coupled refresh). All configs of a regime use the same prompts (`per_class` per digit or
 photo) and seeds; the JSON is written after every config to
 benchmarks/results/lossless_switches.json.
 """
@@ -47,6 +47,7 @@ def configs(window: int, switch_levels: list[int], streams: list[int], fronts: l
     """The configs of one window, most informative first (a run cut short keeps those)."""
     out: dict[str, dict] = {f"sjd2 W={window}": {"method": "sjd2"}, f"sjd W={window}": {"method": "sjd"}}
     out[f"sjd2+coupled W={window}"] = {"method": "sjd2", "coupled_refresh": True}
+    out[f"sjd+coupled W={window}"] = {"method": "sjd", "coupled_refresh": True}  # the lossless baseline
     streams = [m for m in streams if 0 < m < window]
     for m in streams:
         out[f"sjd2+stream{m} W={window}"] = {"method": "sjd2", "clean_stream": m}
@@ -66,7 +67,6 @@ def configs(window: int, switch_levels: list[int], streams: list[int], fronts: l
         top = max(switch_levels)
         both = {"method": "sjd2", "clean_switch_level": top, "coupled_refresh": True}
         out[f"sjd2+switch{top}+coupled W={window}"] = both
-    out[f"sjd+coupled W={window}"] = {"method": "sjd", "coupled_refresh": True}
     return {k: dict(v, window=window) for k, v in out.items()}
 
 
