@@ -61,9 +61,10 @@ def test_a_queue_on_a_mesh_gives_the_same_codes_as_one_device(checkpoint, refere
     got, ref = sjd2_jax.generate(model, PROMPTS, batch_size=2, **RUNS["sjd2"]), reference["sjd2"]
     np.testing.assert_array_equal(got.codes, ref.codes, err_msg=mesh)
     np.testing.assert_array_equal(got.steps, ref.steps)
-    if mesh == "data=2,tensor=4":  # two slots took three images: one refill, no row ran past its image
-        assert got.row_passes < 3 * ref.steps.max()
-        assert got.useful_passes == ref.steps.sum()
+    if mesh == "data=2,tensor=4":  # two slots took the images in turn: no slot-pass on a finished image
+        assert got.row_passes == got.useful_passes
+        # (the queue is padded to a multiple of data with a copy of the last prompt, decoded too)
+        assert ref.steps.sum() < got.useful_passes < ref.steps.sum() + 2 * ref.steps.max()
 
 
 def test_kv_cache_and_rows_are_split_inside_the_compiled_loop(checkpoint):
