@@ -21,6 +21,11 @@ def exact():
     return exact_truth()
 
 
+def sjd2_k3(**switches) -> DecodeSpec:
+    """Exact SJD2 with K = 3 levels and W = 5 (every window position starts noisy) plus switches."""
+    return DecodeSpec(method="sjd2", window=5, num_tokens=N, noise=NoiseConfig(num_levels=3), **switches)
+
+
 def kept_fraction(r) -> tuple[float, int]:
     """Among window positions that hold a draft in consecutive iterations, the fraction whose
     draft is unchanged (position j now was position j + committed before), and their number."""
@@ -93,24 +98,14 @@ def test_clean_stream(exact):
     Catches keeping the noisy keys/values of committed copied positions (local mutation: the
     identity order in engine.clean_stream_slots) and copies that see the first noisy position
     (to_main < first + 1 in engine.window_inputs); detectable TV 0.0385."""
-    spec = DecodeSpec(method="sjd2", window=5, num_tokens=N, noise=NoiseConfig(num_levels=3), clean_stream=2)
-    accepted = check_groups(exact, spec)
+    accepted = check_groups(exact, sjd2_k3(clean_stream=2))
     assert (accepted >= 3).any()
 
 
 def test_clean_stream_with_the_other_switches(exact):
     """Clean stream (M = 3) with the clean switch at level 1 and coupled refresh, timestep tokens
     fed with the window (cache_timesteps=False: the copies come after them); detectable TV 0.0385."""
-    spec = DecodeSpec(
-        method="sjd2",
-        window=5,
-        num_tokens=N,
-        noise=NoiseConfig(num_levels=3),
-        clean_stream=3,
-        clean_switch_level=1,
-        coupled_refresh=True,
-        cache_timesteps=False,
-    )
+    spec = sjd2_k3(clean_stream=3, clean_switch_level=1, coupled_refresh=True, cache_timesteps=False)
     accepted = check_groups(exact, spec)
     assert (accepted >= 3).any()
 
@@ -122,8 +117,7 @@ def test_front_candidates_sjd2(exact):
     clean, so that pass can commit two. The path is taken in a few percent of passes here
     (mean passes 4.0 -> 3.94), so the position-1 procedure has its own test with power below;
     detectable TV 0.0385."""
-    spec = DecodeSpec(method="sjd2", window=5, num_tokens=N, noise=NoiseConfig(num_levels=3), front_candidates=2)
-    accepted = check_groups(exact, spec)
+    accepted = check_groups(exact, sjd2_k3(front_candidates=2))
     assert (accepted >= 2).any()
 
 
@@ -137,16 +131,7 @@ def test_front_candidates_sjd(exact):
 def test_front_candidates_with_the_clean_stream_and_coupled_refresh(exact):
     """A = 2 front candidates, a clean stream of M = 2 and coupled refresh together (K = 3, W = 5):
     the candidates are fed after the copies; detectable TV 0.0385."""
-    spec = DecodeSpec(
-        method="sjd2",
-        window=5,
-        num_tokens=N,
-        noise=NoiseConfig(num_levels=3),
-        clean_stream=2,
-        front_candidates=2,
-        coupled_refresh=True,
-    )
-    accepted = check_groups(exact, spec)
+    accepted = check_groups(exact, sjd2_k3(clean_stream=2, front_candidates=2, coupled_refresh=True))
     assert (accepted >= 3).any()
 
 
