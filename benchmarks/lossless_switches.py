@@ -67,7 +67,8 @@ def configs(window: int, switch_levels: list[int], streams: list[int], fronts: l
         top = max(switch_levels)
         both = {"method": "sjd2", "clean_switch_level": top, "coupled_refresh": True}
         out[f"sjd2+switch{top}+coupled W={window}"] = both
-    return {k: dict(v, window=window) for k, v in out.items()}
+    # a name without "+coupled" is the published refresh (generate's default is the coupled one)
+    return {k: {"coupled_refresh": False, **v, "window": window} for k, v in out.items()}
 
 
 def inputs_per_pass(cfg: dict) -> int:

@@ -5,7 +5,8 @@
 
 For every fine-tune named in --models: exact SJD2, and paper mode (exact=False) with each
 --max-levels value (accept_max_level; "none" = unbounded), and with recompute_noisy_kv for the
---recompute-levels among them (--skip-base: only the fine-tunes; --no-exact: no exact SJD2).
+--recompute-levels among them (--skip-base: only the fine-tunes; --no-exact: no exact SJD2;
+--resume: keep the configs already in --json, run the missing ones).
 On --base (the AR model the fine-tunes start from): AR with every --ar-seeds (the noise floor:
 Frechet distance between two AR seeds' samples, and AR's spread) and training-free SJD at the
 same window. Quality is the Frechet distance of the photo features (benchmarks/photo/features.py)
@@ -60,7 +61,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ar-seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--batch-size", type=int, default=24)
-    p.add_argument("--skip-base", action="store_true", help="reuse the base results already in --json")
+    p.add_argument("--skip-base", action="store_true", help="no AR or SJD runs on --base")
+    p.add_argument(
+        "--resume", action="store_true", help="keep the results already in --json and run only the missing configs"
+    )
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "paper_mode.json")
     args = p.parse_args(argv)
 
@@ -70,8 +74,8 @@ def main(argv=None) -> int:
     regime = PhotoRegime()
     prompts = prompts_for(regime, args.images)
     out: dict = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "results": {}}
-    if args.skip_base:
-        out["results"]["base"] = {}
+    if args.resume and args.json.exists():
+        out["results"] = json.loads(args.json.read_text())["results"]
     out["floor"] = regime.real_floor()
     t0 = time.time()
 
@@ -80,7 +84,10 @@ def main(argv=None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=2) + "\n")
 
-    def measure(model, codec, name, cfg, seed, group) -> np.ndarray:
+    def measure(model, codec, name, cfg, seed, group) -> np.ndarray | None:
+        if f"{name} seed {seed}" in out["results"].get(group, {}):
+            print(f"[{group}] {name} seed {seed}: kept from {args.json}", flush=True)
+            return None
         res = generate_set(model, codec, prompts, cfg, seed, args.batch_size)
         feats = regime.features(res["images"])
         row = dict(stats(res), seed=seed, frechet=frechet(feats, regime.reference), config=cfg)
@@ -94,12 +101,14 @@ def main(argv=None) -> int:
         save()
         return feats
 
-    if "base" not in out["results"]:
+    base_done = {f"ar seed {s}" for s in args.ar_seeds} | {f"sjd W={args.window} seed {args.seed}"}
+    if not args.skip_base and not base_done <= set(out["results"].get("base", {})):
         model = sjd2_jax.load(args.base)
         codec = load_codec(model.path)
         ar = {s: measure(model, codec, "ar", {"method": "ar"}, s, "base") for s in args.ar_seeds}
-        pairs = list(itertools.combinations(sorted(ar), 2))
-        out["results"]["base"]["ar_vs_ar_frechet"] = [frechet(ar[a], ar[b]) for a, b in pairs]
+        if all(f is not None for f in ar.values()):
+            pairs = list(itertools.combinations(sorted(ar), 2))
+            out["results"]["base"]["ar_vs_ar_frechet"] = [frechet(ar[a], ar[b]) for a, b in pairs]
         measure(model, codec, f"sjd W={args.window}", {"method": "sjd", "window": args.window}, args.seed, "base")
     for spec in args.models:
         group, path = spec.split("=", 1)

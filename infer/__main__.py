@@ -124,12 +124,15 @@ def _parser() -> argparse.ArgumentParser:
         help="SJD2 denoise target: the sampled token's embedding or the probability-weighted mean",
     )
     x = p.add_argument_group(
-        "lossless switches (off by default; the output distribution stays exactly AR's, docs/design.md)"
+        "lossless switches (the output distribution stays exactly AR's, docs/design.md; "
+        "coupled refresh is on for sjd and sjd2, the others are off by default)"
     )
     x.add_argument(
         "--coupled-refresh",
-        action="store_true",
-        help="sjd, sjd2: keep a surviving draft with probability min(1, q_new/q_old), else redraw from the residual",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="sjd, sjd2 (default on): keep a surviving draft with probability min(1, q_new/q_old), else redraw "
+        "from the residual; --no-coupled-refresh gives the published SJD / SJD2 refresh",
     )
     x.add_argument(
         "--clean-switch-level",
@@ -243,7 +246,7 @@ def _check_args(args) -> None:
         raise InferError(f"{', '.join(sjd2_only)} apply to --method sjd2 only")
     speculative = [
         n
-        for n, v in (("--coupled-refresh", args.coupled_refresh or None), ("--front-candidates", args.front_candidates))
+        for n, v in (("--[no-]coupled-refresh", args.coupled_refresh), ("--front-candidates", args.front_candidates))
         if v is not None
     ]
     if speculative and args.method not in ("sjd", "sjd2"):
@@ -393,8 +396,8 @@ def _method_options(args) -> dict:
         opts["denoise_stride"] = args.denoise_stride
     if args.allow_schedule_mismatch:
         opts["allow_schedule_mismatch"] = True
-    if args.coupled_refresh:
-        opts["coupled_refresh"] = True
+    if args.coupled_refresh is not None:
+        opts["coupled_refresh"] = args.coupled_refresh
     for name in ("clean_switch_level", "clean_stream", "front_candidates"):
         if getattr(args, name) is not None:
             opts[name] = getattr(args, name)

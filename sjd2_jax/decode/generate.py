@@ -24,7 +24,7 @@ from sjd2_jax.decode.engine import (
     token_columns,
 )
 from sjd2_jax.decode.options import check_generate_options
-from sjd2_jax.decode.queue import progress_hook
+from sjd2_jax.decode.queue import progress_hook, tail_slots
 from sjd2_jax.io import checkpoint as ckpt
 from sjd2_jax.sjd2.schedule import NoiseConfig
 from sjd2_jax.sjd2.standardize import EmbedStats, embedding_stats
@@ -125,8 +125,8 @@ def generate(
     e0_hat ("sample" | "mean"), stats ("all" | "image"), pure_noise_top, denoise_stride
     (levels per denoise step); trace=T records the window drafts of the first T iterations
     (Generation.trace_drafts / trace_done, for trajectory plots); the lossless switches
-    clean_switch_level and clean_stream (exact SJD2), coupled_refresh and front_candidates (SJD,
-    SJD2), and paper mode's
+    clean_switch_level and clean_stream (exact SJD2), coupled_refresh (SJD, SJD2; on unless
+    coupled_refresh=False) and front_candidates (SJD, SJD2), and paper mode's
     accept_max_level and recompute_noisy_kv (SJD2 with exact=False), see DecodeSpec. SJD2 uses the
     noise statistics the checkpoint records (`recorded_noise_stats`) when it has them.
     Randomness: prompts[k] is image first_index + k of the run, and every random draw
@@ -170,7 +170,11 @@ def generate(
     if B == 0:
         raise ValueError("no prompts given")
     mesh = getattr(model, "mesh", None)  # load(path, mesh=...): rows split over the mesh's data axes
-    B_run = placement.padded_rows(B, mesh)  # even split: pad with copies of the last prompt, dropped below
+    queue = _queue_args(batch_size, B, mesh, on_progress is not None)
+    # Rows split evenly over the mesh: without a queue pad with copies of the last prompt (dropped
+    # below). A queue's prompts are replicated (small), only its slots are split, so no padding.
+    B_run = B if queue else placement.padded_rows(B, mesh)
+    place_prompts = placement.place_replicated if queue else placement.place_rows
     cond, uncond = cond + cond[-1:] * (B_run - B), uncond + uncond[-1:] * (B_run - B)
 
     defaults = dict(families.sampling_defaults(plan.family), **saved.get("sampling", {}))
@@ -192,7 +196,9 @@ def generate(
             noise=NoiseConfig(**noise_kw),
             trace=int(method_options.get("trace", 0)),
             clean_switch_level=int(method_options.get("clean_switch_level", 0)),
-            coupled_refresh=bool(method_options.get("coupled_refresh", False)),
+            # On by default for SJD and SJD2: lossless, and 1.03-2.15x fewer passes on both
+            # evaluation regimes (RESULTS.md, "Lossless switches"); DecodeSpec keeps it off.
+            coupled_refresh=bool(method_options.get("coupled_refresh", method in ("sjd", "sjd2"))),
             clean_stream=int(method_options.get("clean_stream", 0)),
             front_candidates=int(method_options.get("front_candidates", 0)),
             accept_max_level=None if (top := method_options.get("accept_max_level")) is None else int(top),
@@ -215,16 +221,15 @@ def generate(
     stats = recorded_noise_stats(getattr(model, "path", None)) if method == "sjd2" else None
     if stats is None and method == "sjd2" and spec.noise.stats == "image":
         stats = embedding_stats(input_table(model.params, cfg, spec.head), jnp.asarray(plan.allowed))
-    queue = _queue_args(batch_size, B_run, mesh, on_progress is not None)
     with progress_hook(lambda done: on_progress(min(done, B))) if queue.get("progress") else contextlib.nullcontext():
         r = decode(
             model.params,
             cfg,
             spec,
-            *placement.place_rows(mesh, (jnp.asarray(_pad(rows, P)), jnp.asarray([len(x) for x in rows], jnp.int32))),
+            *place_prompts(mesh, (jnp.asarray(_pad(rows, P)), jnp.asarray([len(x) for x in rows], jnp.int32))),
             *placement.place_replicated(mesh, (jnp.asarray(plan.forced), jnp.asarray(plan.allowed))),
-            placement.place_rows(mesh, knobs),
-            placement.place_rows(mesh, row_keys(seed, first_index + np.arange(B_run))),
+            place_prompts(mesh, knobs),
+            place_prompts(mesh, row_keys(seed, first_index + np.arange(B_run))),
             stats,
             token_columns(plan.allowed, plan.forced),  # columns: sample over these ids only (same distribution)
             **queue,
@@ -259,8 +264,12 @@ def generate(
 
 def _queue_args(batch_size: int | None, prompts: int, mesh, progress: bool) -> dict:
     """decode's continuous-batching arguments: slots when fewer rows than prompts decode at once
-    (a multiple of the mesh's row shards, so every device holds the same number of rows)."""
+    (a multiple of the mesh's row shards, so every device holds the same number of rows; the
+    tail's step-down sizes too: a smaller uneven split would be padded back by XLA anyway)."""
     if batch_size is None:
         return {}
     slots = placement.padded_rows(batch_size, mesh)
-    return {"slots": slots, "progress": progress} if slots < prompts else {}
+    if slots >= prompts:
+        return {}
+    tail = tuple(t for t in tail_slots(slots) if t == placement.padded_rows(t, mesh))
+    return {"slots": slots, "tail": tail, "progress": progress}

@@ -88,10 +88,12 @@ def put_replicated(mesh: Mesh, x) -> jax.Array:
     return jax.make_array_from_callback(x.shape, NamedSharding(mesh, PartitionSpec()), lambda index: x[index])
 
 
-def put_row_keys(mesh: Mesh, keys: jax.Array) -> jax.Array:
-    """Typed PRNG keys [B] split over rows (placed as their raw uint32 data)."""
-    data = np.asarray(jax.random.key_data(keys))
-    return jax.random.wrap_key_data(put_rows(mesh, data), impl=jax.random.key_impl(keys))
+def _put_any(mesh: Mesh, x, put) -> jax.Array:
+    """put(mesh, host array) for an array or typed PRNG keys (placed as their raw uint32 data)."""
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        data = np.asarray(jax.random.key_data(x))
+        return jax.random.wrap_key_data(put(mesh, data), impl=jax.random.key_impl(x))
+    return put(mesh, x)
 
 
 def to_host(x) -> np.ndarray:
@@ -140,20 +142,13 @@ def pad_rows(tree, n: int):
 
 def place_rows(mesh: Mesh | None, tree):
     """Every array in `tree` split over rows on `mesh` (typed PRNG keys included); unchanged without a mesh."""
-    if mesh is None:
-        return tree
-
-    def put(x):
-        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            return put_row_keys(mesh, x)
-        return put_rows(mesh, x)
-
-    return jax.tree.map(put, tree)
+    return tree if mesh is None else jax.tree.map(lambda x: _put_any(mesh, x, put_rows), tree)
 
 
 def place_replicated(mesh: Mesh | None, tree):
-    """Every array in `tree` copied to every device of `mesh`; unchanged without a mesh."""
-    return tree if mesh is None else jax.tree.map(lambda x: put_replicated(mesh, x), tree)
+    """Every array in `tree` (typed PRNG keys included) copied to every device of `mesh`;
+    unchanged without a mesh."""
+    return tree if mesh is None else jax.tree.map(lambda x: _put_any(mesh, x, put_replicated), tree)
 
 
 def result_rows(result, n: int):

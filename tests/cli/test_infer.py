@@ -320,7 +320,8 @@ def test_bad_arguments(tmp_path, capsys, no_work):
     "argv,expect",
     [
         (["--method", "sjd", "--clean-stream", "4"], "--clean-stream apply to --method sjd2 only"),
-        (["--method", "ar", "--coupled-refresh"], "--coupled-refresh apply to --method sjd or sjd2 only"),
+        (["--method", "ar", "--coupled-refresh"], "--[no-]coupled-refresh apply to --method sjd or sjd2 only"),
+        (["--method", "ar", "--no-coupled-refresh"], "--[no-]coupled-refresh apply to --method sjd or sjd2 only"),
         (["--method", "jacobi", "--front-candidates", "2"], "--front-candidates apply to --method sjd or sjd2"),
         (["--paper-mode", "--clean-stream", "4"], "--clean-stream need exact verification: not with --paper-mode"),
         (["--clean-switch-level", "-1"], "--clean-switch-level must be >= 0 (got -1)"),

@@ -81,6 +81,31 @@ def test_greedy_with_every_lossless_switch_agrees_with_ar(models):
         assert np.all(r.steps < ref.steps)
 
 
+def test_coupled_refresh_is_on_by_default_for_sjd_and_sjd2(models, monkeypatch):
+    """generate's default refresh for SJD and SJD2 is the coupled one (coupled_refresh=False gives
+    the published refresh); the spec reaching the engine says so, and the default run is the
+    explicitly coupled run, token for token."""
+    gen_mod = importlib.import_module("sjd2_jax.decode.generate")
+    specs = []
+
+    def recording_decode(params, cfg, spec, *args, **kw):
+        specs.append(spec)
+        return decode(params, cfg, spec, *args, **kw)
+
+    monkeypatch.setattr(gen_mod, "decode", recording_decode)
+    m = models["chameleon"]
+    for method, opts in [("sjd", {"window": 5}), ("sjd2", {"window": 6, "levels": 3})]:
+        runs = {
+            c: sjd2_jax.generate(m, PROMPTS, method=method, size=SIZES["chameleon"], seed=4, **opts, **kw)
+            for c, kw in [("default", {}), ("on", {"coupled_refresh": True}), ("off", {"coupled_refresh": False})]
+        }
+        assert [s.coupled_refresh for s in specs[-3:]] == [True, True, False], method
+        np.testing.assert_array_equal(runs["default"].tokens, runs["on"].tokens, err_msg=method)
+        np.testing.assert_array_equal(runs["default"].steps, runs["on"].steps, err_msg=method)
+    ar = sjd2_jax.generate(m, PROMPTS, method="ar", size=SIZES["chameleon"], seed=4)
+    assert not specs[-1].coupled_refresh and ar.tokens.shape[0] == 2
+
+
 def test_sampled_generation_respects_layout_and_no_recompile(models, monkeypatch):
     m = models["emu3"]
     traced_once = jax.jit(chex.assert_max_traces(decode.__wrapped__, n=1), static_argnames=("cfg", "spec"))

@@ -56,15 +56,17 @@ def test_sharded_generate_gives_the_same_codes_as_one_device(checkpoint, referen
 def test_a_queue_on_a_mesh_gives_the_same_codes_as_one_device(checkpoint, reference, mesh):
     """Continuous batching on a mesh: 3 prompts through fewer slots than prompts where the mesh
     allows (data=2: 2 slots, so the third prompt refills a slot inside the loop; data=8: 8 slots,
-    padding only), each prompt's codes as in the one-device run without a queue."""
+    no queue, padding only), each prompt's codes as in the one-device run without a queue."""
     model = sjd2_jax.load(checkpoint, mesh=mesh)
     got, ref = sjd2_jax.generate(model, PROMPTS, batch_size=2, **RUNS["sjd2"]), reference["sjd2"]
     np.testing.assert_array_equal(got.codes, ref.codes, err_msg=mesh)
     np.testing.assert_array_equal(got.steps, ref.steps)
-    if mesh == "data=2,tensor=4":  # two slots took the images in turn: no slot-pass on a finished image
-        assert got.row_passes == got.useful_passes
-        # (the queue is padded to a multiple of data with a copy of the last prompt, decoded too)
-        assert ref.steps.sum() < got.useful_passes < ref.steps.sum() + 2 * ref.steps.max()
+    if mesh == "data=2,tensor=4":  # two slots took the images in turn; no padding image is decoded
+        # (the queue's prompts are replicated, only its slots are split)
+        assert got.useful_passes == ref.steps.sum()
+        # the only idle slot-passes: one slot waits while the other finishes the last image (no
+        # step down to one slot: on two row shards it would be padded back to two)
+        assert 0 < got.row_passes - got.useful_passes < ref.steps.max()
 
 
 def test_kv_cache_and_rows_are_split_inside_the_compiled_loop(checkpoint):
@@ -116,3 +118,17 @@ def test_bad_meshes_are_refused(checkpoint):
         sjd2_jax.load(checkpoint, mesh=jax.make_mesh((2, 1, 4), SH.AXES))  # jax 0.10 default: Explicit axes
     with pytest.raises(ValueError, match="mesh or shardings, not both"):
         sjd2_jax.load(checkpoint, mesh="data=8", shardings={})
+
+
+def test_queue_slots_and_tail_split_evenly_over_the_mesh():
+    """generate's queue arguments on a mesh: slots and every step-down size a multiple of the row
+    shards (an uneven size would be padded back by XLA, so the step-down would save nothing)."""
+    from sjd2_jax.decode.generate import _queue_args
+    from sjd2_jax.decode.queue import tail_slots
+
+    mesh = placement.mesh_from_text("data=2,tensor=4")
+    assert tail_slots(6) == (4, 3, 1)
+    assert _queue_args(5, 20, mesh, False) == {"slots": 6, "tail": (4,), "progress": False}
+    assert _queue_args(6, 20, None, True) == {"slots": 6, "tail": (4, 3, 1), "progress": True}
+    assert _queue_args(5, 6, mesh, False) == {}  # the slots hold every prompt: no queue
+    assert _queue_args(None, 20, mesh, False) == {}
