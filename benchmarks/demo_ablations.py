@@ -11,6 +11,12 @@ parametrization, number of levels K) need their own fine-tune from the same AR m
 (scripts/build_demo.py --work ... --parametrization vp / --levels 10); pass each result
 with --model-variant NAME=PATH and it is decoded with its recorded schedule. AR on the
 shipped model is the quality reference. Output: a markdown table and a JSON.
+
+    python -m benchmarks.demo_ablations --paper-levels none 12 8 4 [--recompute-levels 8] --windows 64
+
+runs only paper mode's grid instead (issue 14, the demo regime): AR, exact SJD2 and paper mode
+with each accept_max_level (and recompute_noisy_kv for --recompute-levels) at the first window,
+the same prompts and seeds for every config (AR's seeds give the noise floor).
 """
 
 from __future__ import annotations
@@ -56,13 +62,25 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--only-variants", action="store_true", help="skip the decode-time switches")
+    p.add_argument(
+        "--paper-levels",
+        nargs="+",
+        default=None,
+        help="run paper mode's grid instead: accept_max_level values ('none' = unbounded)",
+    )
+    p.add_argument("--recompute-levels", nargs="*", default=[], help="paper levels also run with recompute_noisy_kv")
     p.add_argument("--json", type=Path, default=RESULTS / "demo_ablations.json")
     args = p.parse_args(argv)
 
     t0 = time.time()
     judge = Judge()
     results = {}
-    if not args.only_variants:
+    if args.paper_levels is not None:
+        from benchmarks.paper_mode import paper_configs
+
+        configs = {"ar": {"method": "ar"}, **paper_configs(args.windows[0], args.paper_levels, args.recompute_levels)}
+        results.update(evaluate(sjd2_jax.load(args.model), judge, configs, args.seeds, args.per_digit, args.batch_size))
+    elif not args.only_variants:
         model = sjd2_jax.load(args.model)
         results.update(
             evaluate(model, judge, decode_configs(args.windows), args.seeds, args.per_digit, args.batch_size)
