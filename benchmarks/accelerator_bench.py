@@ -18,9 +18,11 @@ fills the cache to --context tokens first (default: half an image plus 64 prompt
 average cache length over one image's decode), so each pass reads a realistic KV cache.
 
 Images/s: AR needs N passes per image (N = the image's generated tokens); SJD2 at window W needs
-N / c(W), with c(W) the step compression measured by benchmarks/eval_regimes.py (its JSON under
-benchmarks/results/: the photo regime for the full-size presets, the demo regime for `demo`;
-a window it did not measure takes the nearest measured one), or --compression for every window.
+N / c(W), with c(W) the measured step compression of generate's default SJD2 (coupled refresh;
+benchmarks/lossless_switches.py's JSON under benchmarks/results/), where a window lacks it the
+published SJD2's (benchmarks/eval_regimes.py's JSON): the photo regime for the full-size
+presets, the demo regime for `demo`; a window neither measured takes the nearest measured
+one; or --compression for every window.
 The batch where SJD2 stops beating AR is the first measured batch where its images/s (best
 window) fall to AR's or below.
 
@@ -203,18 +205,21 @@ def load_preset(name: str, scale: int = 1, dtype: str = "bfloat16") -> Preset:
 
 
 def compression_table(regime: str, results: Path = RESULTS) -> tuple[dict[int, float], str]:
-    """SJD2 step compression by window from eval_regimes JSON files of `regime` ({} if none)."""
+    """SJD2 step compression by window for `regime` ({} if none measured): generate's default
+    (coupled refresh) from lossless_switches JSON where it has the window, else the published
+    SJD2 from eval_regimes JSON files."""
     table: dict[int, float] = {}
     sources = []
-    for path in sorted(results.glob(f"eval_regimes_{regime}*.json")):
-        try:
-            configs = json.loads(path.read_text())["regimes"][regime]["configs"]
-        except (KeyError, ValueError):
-            continue
-        for name, row in configs.items():
-            if name.startswith("sjd2 W=") and "compression_mean" in row:
-                table[int(name.split("=")[1])] = float(row["compression_mean"])
-                sources.append(path.name)
+    for pattern, prefix in (("eval_regimes_{}*.json", "sjd2 W="), ("lossless_switches*.json", "sjd2+coupled W=")):
+        for path in sorted(results.glob(pattern.format(regime))):
+            try:
+                configs = json.loads(path.read_text())["regimes"][regime]["configs"]
+            except (KeyError, ValueError):
+                continue
+            for name, row in configs.items():
+                if name.startswith(prefix) and "compression_mean" in row:
+                    table[int(name.split("=")[1])] = float(row["compression_mean"])  # later patterns win
+                    sources.append(f"{path.name} {name}")
     return table, ", ".join(sorted(set(sources)))
 
 

@@ -40,9 +40,18 @@ def test_compression_comes_from_eval_regimes_json_at_the_nearest_window(tmp_path
     doc = {"regimes": {"photo": {"configs": configs}}}
     (tmp_path / "eval_regimes_photo.json").write_text(json.dumps(doc))
     table, source = AB.compression_table("photo", tmp_path)
-    assert table == {16: 2.0, 32: 2.5, 64: 3.0} and source == "eval_regimes_photo.json"
+    assert table == {16: 2.0, 32: 2.5, 64: 3.0}
+    assert (
+        source
+        == "eval_regimes_photo.json sjd2 W=16, eval_regimes_photo.json sjd2 W=32, eval_regimes_photo.json sjd2 W=64"
+    )
     assert [AB.compression_for(w, table) for w in (16, 24, 48, 128)] == [2.0, 2.0, 2.5, 3.0]
     assert AB.compression_table("demo", tmp_path)[0] == {}
+    # generate's default (coupled refresh) from the lossless-switches JSON wins where it has the window
+    coupled = {"sjd2 W=64": {"compression_mean": 2.9}, "sjd2+coupled W=64": {"compression_mean": 6.0}}
+    doc = {"regimes": {"photo": {"configs": coupled}}}
+    (tmp_path / "lossless_switches.json").write_text(json.dumps(doc))
+    assert AB.compression_table("photo", tmp_path)[0] == {16: 2.0, 32: 2.5, 64: 6.0}
 
 
 def test_bandwidth_by_device_kind_or_override():
