@@ -498,6 +498,8 @@ def run(args, log=print) -> list[dict]:
             opts = _method_options(args) if method == args.method else {}
             if method != args.method and method != "ar" and main_window > 1:
                 opts["window"] = main_window  # --compare: every parallel method at the same window
+            if method != args.method and method in ("sjd", "sjd2") and args.coupled_refresh is not None:
+                opts["coupled_refresh"] = args.coupled_refresh  # --compare: SJD and SJD2 with the same refresh
             pixels = []
             done = [0]
 

@@ -357,6 +357,29 @@ def test_lossless_switches_reach_generate(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "o").exists()
 
 
+def test_compare_gives_sjd_and_sjd2_the_same_refresh(tmp_path, capsys, monkeypatch):
+    """--compare --no-coupled-refresh: the other speculative method gets the published refresh too
+    (one thing changed at a time); AR and JD get no refresh option (a stub generate records the
+    options of every method and returns nothing usable, which ends the run)."""
+    seen = {}
+
+    def generate(model, prompts, method, **kw):
+        seen[method] = kw
+        if method == "sjd":  # the last of the compared methods: stop here
+            raise ValueError("stub generate: stop here")
+        return real(model, prompts, method=method, **kw)
+
+    real = sjd2_jax.generate
+    monkeypatch.setattr(sjd2_jax, "generate", generate)
+    argv = ["--prompt", "a 1", "--out", str(tmp_path / "o"), "--no-progress", "--compare", "--window", "8"]
+    assert _infer([*argv, "--no-coupled-refresh"]) == 2
+    _one_error_line(capsys.readouterr().err, "stub generate: stop here")
+    assert seen["sjd2"]["coupled_refresh"] is False and seen["sjd"]["coupled_refresh"] is False
+    assert "coupled_refresh" not in seen["ar"] and "coupled_refresh" not in seen["jacobi"]
+    assert seen["sjd"]["window"] == seen["jacobi"]["window"] == 8
+    assert not (tmp_path / "o").exists()
+
+
 def test_unknown_flag_is_a_usage_message():
     r = subprocess.run([sys.executable, "-m", "infer", "--no-such-flag"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2
