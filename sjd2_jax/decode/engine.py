@@ -100,8 +100,9 @@ class DecodeSpec:
     # front_candidates (SJD, exact SJD2): A more candidates for window position 1, drawn i.i.d.
     # from its q beside its draft and fed as extra inputs that see only the cache and position 0
     # (a one-level tree). Position 1 is decided by recursive rejection sampling over the draft,
-    # then the candidates; an accepted candidate commits with a sample from its own output as
-    # the next token, its keys/values moved into place. Costs A more inputs per pass. 0 = off.
+    # then the candidates; an accepted candidate's own output drafts the next window's position
+    # 1 (fed clean); its keys/values need no move, since the taken token is the next window's
+    # position 0 and is fed again there. Costs A more inputs per pass. 0 = off.
     front_candidates: int = 0
 
     def __post_init__(self):
