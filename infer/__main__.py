@@ -47,6 +47,23 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM during a run: unwinds like Ctrl-C, so the temporary output folder is removed."""
 
 
+class _Signals:
+    """The SIGINT/SIGTERM that arrived during a run, if any.
+
+    The handler raises at once, but Python swallows an exception raised while it runs a gc
+    callback or a __del__ (JAX registers one); the recorded signal is checked again before the
+    output is committed, so a swallowed one still stops the run."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+
+    def raise_if_received(self) -> None:
+        if self.received == signal.SIGTERM:
+            raise Terminated()
+        if self.received is not None:
+            raise KeyboardInterrupt()
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m infer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -452,7 +469,7 @@ class _CompileClock:
             _CompileClock.total += duration
 
 
-def run(args, log=print) -> list[dict]:
+def run(args, log=print, signals: _Signals | None = None) -> list[dict]:
     import jax
     import numpy as np
     from tqdm import tqdm
@@ -463,6 +480,7 @@ def run(args, log=print) -> list[dict]:
     from sjd2_jax.demo import mnist
     from sjd2_jax.io import checkpoint as ckpt
 
+    signals = signals or _Signals()
     _check_args(args)
     prompts = read_prompts(args)
     model_dir = args.model or sjd2_jax.DEMO_MODEL
@@ -493,6 +511,7 @@ def run(args, log=print) -> list[dict]:
     replaceable = lambda folder: _check_replaceable(folder, args.out)
     with ckpt.atomic_output_dir(args.out, replace=True, check_replace=replaceable) as tmp:
         for method in methods:
+            signals.raise_if_received()
             bar.set_description(f"{method} images")
             prefix = "" if method == args.method else f"{method}-"
             opts = _method_options(args) if method == args.method else {}
@@ -562,6 +581,7 @@ def run(args, log=print) -> list[dict]:
         bar.close()
         (tmp / STATS_FILE).write_text(json.dumps(records, indent=2) + "\n")
         write_manifest(tmp)
+        signals.raise_if_received()  # a signal whose exception was swallowed: never commit after it
     if records:
         log(summary(records, args.out, device=jax.default_backend()))
     else:  # multi-host, tensor axis across hosts: another host holds (and writes) every row
@@ -631,9 +651,11 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from sjd2_jax.io.checkpoint import CheckpointError
 
+    signals = _Signals()
     try:
-        with _sigterm_interrupts():
-            run(args)
+        with _interrupts_recorded(signals):
+            run(args, signals=signals)
+        signals.raise_if_received()  # arrived after the commit: the output is whole, the exit says why
     except (InferError, ValueError, CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return USAGE_ERRORS
@@ -647,21 +669,24 @@ def main(argv=None) -> int:
 
 
 @contextlib.contextmanager
-def _sigterm_interrupts():
-    """SIGTERM raises Terminated (a KeyboardInterrupt) for the duration, so the run unwinds
-    and removes its temporary folder instead of dying with it in place."""
+def _interrupts_recorded(signals: _Signals):
+    """For the duration, SIGTERM raises Terminated and SIGINT KeyboardInterrupt, and both are
+    recorded in `signals`: the run unwinds and removes its temporary folder instead of dying
+    with it in place."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def on_sigterm(signum, frame):
-        raise Terminated()
+    def on_signal(signum, frame):
+        signals.received = signum
+        signals.raise_if_received()
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def console_main() -> None:

@@ -171,6 +171,33 @@ def test_sigterm_during_a_run_leaves_no_temporary_folder(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 128 + signal.SIGTERM), (signal.SIGINT, 130)])
+def test_a_signal_whose_exception_is_swallowed_still_stops_the_run(tmp_path, capsys, monkeypatch, signum, code):
+    """Python swallows an exception raised in a __del__ or gc callback (where CI once saw SIGTERM
+    land, inside JAX's gc callback): the run must still end with the signal's exit code, commit
+    nothing and leave no temporary folder."""
+
+    class SignalledOnCollection:
+        def __del__(self):
+            signal.raise_signal(signum)  # runs the CLI's handler here, inside __del__
+
+    def generate(*a, **k):
+        g = real(*a, **k)
+        SignalledOnCollection()  # collected at once: the handler's exception is printed, then dropped
+        return g
+
+    real = sjd2_jax.generate
+    swallowed = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: swallowed.append(u.exc_type))
+    monkeypatch.setattr(sjd2_jax, "generate", generate)
+    argv = ["--prompt", "a 1", "--out", str(tmp_path / "o"), "--no-progress", "--method", "ar"]
+    assert _infer(argv) == code
+    assert len(swallowed) == 1 and issubclass(swallowed[0], KeyboardInterrupt)  # really swallowed
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].endswith("no partial output was left") and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
 # ----------------------------------------------------------------------------- refusals before any work
 
 
