@@ -311,19 +311,41 @@ def decode_args(preset: Preset, case: Case, params) -> tuple[tuple, dict]:
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def run_case(preset: Preset, case: Case, params, repeat: int, clock: str = "wall") -> tuple[float, int]:
-    """(best seconds over `repeat` runs after a warm-up, loop passes) of one decode call."""
+# XLA on one CPU thread: process CPU time then counts the work, not threads spinning in the pool.
+ONE_THREAD_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
+def pin_xla_to_one_thread() -> None:
+    """Add ONE_THREAD_FLAGS to XLA_FLAGS; they only act if no JAX backend has started yet."""
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        raise RuntimeError("pin_xla_to_one_thread: a JAX backend already started; call it first")
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {ONE_THREAD_FLAGS}".strip()
+
+
+def case_runner(preset: Preset, case: Case, params):
+    """A callable running one decode call of `case` to completion; returns its loop passes."""
     args, kwargs = decode_args(preset, case, params)
-    now = CLOCKS[clock]
-    passes = 0
-    best = math.inf
-    for i in range(repeat + 1):
-        t = now()
+
+    def run() -> int:
         r = E.decode(*args, **kwargs)
         jax.block_until_ready(r.tokens)
-        if i:  # the first call compiles
-            best = min(best, now() - t)
-        passes = int(np.asarray(r.steps).max())
+        return int(np.asarray(r.steps).max())
+
+    return run
+
+
+def run_case(preset: Preset, case: Case, params, repeat: int, clock: str = "wall") -> tuple[float, int]:
+    """(best seconds over `repeat` runs after a warm-up, loop passes) of one decode call."""
+    run = case_runner(preset, case, params)
+    now = CLOCKS[clock]
+    passes = run()  # the first call compiles
+    best = math.inf
+    for _ in range(repeat):
+        t = now()
+        passes = run()
+        best = min(best, now() - t)
     return best, passes
 
 

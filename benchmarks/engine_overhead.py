@@ -1,7 +1,7 @@
 """Engine overhead: one SJD2 decode-loop iteration against one plain forward pass of the same inputs.
 
-    python -m benchmarks.engine_overhead [--repeat 3] [--batches 1 8] [--configs demo family family-no-topk]
-        [--json benchmarks/results/engine_overhead.json]
+    python -m benchmarks.engine_overhead [--repeat 9] [--batches 1 8] [--clock cpu [--threads]]
+        [--configs demo family family-no-topk] [--json benchmarks/results/engine_overhead.json]
 
 Both sides run inside compiled `lax.while_loop`s and are timed the same way, so neither pays a
 dispatch, a host transfer or a cache copy that the other does not:
@@ -21,7 +21,8 @@ verification, window slide, denoise step) costs on top of the forward pass it ne
 Configurations: the bundled demo model with its defaults (CFG on, top-k off, W and K from its
 sjd2_generation.json); the Lumina-mGPT family defaults (top-k 2000, CFG 3) on a small random
 Chameleon model with Lumina's real 65536-token vocabulary and 8192 image-code columns; the same
-with top-k off (isolates top-k's cost). Timings are minima over --repeat runs; ratios, not
+with top-k off (isolates top-k's cost). The four timed runs alternate for --repeat rounds; each
+round gives a ratio and the median round is reported with the spread; ratios, not
 absolute times, are the result.
 """
 
@@ -47,17 +48,6 @@ from sjd2_jax.model.config import ModelConfig
 from sjd2_jax.sjd2.masks import window_masks, window_positions
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _best(fn, repeat: int, clock: str) -> float:
-    now = AB.CLOCKS[clock]
-    fn()  # compile and warm up
-    times = []
-    for _ in range(repeat):
-        t = now()
-        fn()
-        times.append(now() - t)
-    return min(times)
 
 
 def plain_inputs(cfg: ModelConfig, rows: int, window: int, levels: int, capacity: int):
@@ -108,14 +98,17 @@ def measure(name, preset: AB.Preset, params, *, batch, window, num_tokens, promp
 
     SJD2: `num_tokens` sampled as usual, and the same with every position forced (whole windows
     accepted: about num_tokens / W iterations of the same compiled code). Plain: the loop run for
-    those two iteration counts, the cache filling at each run's tokens per iteration.
+    those two iteration counts, the cache filling at each run's tokens per iteration. The four
+    runs alternate for `repeat` rounds and each round gives a ratio (its SJD2 slope / its plain
+    slope): a slow spell of a shared machine then hits both sides of a round, not one side of
+    the comparison. Reported: the median round's ratio, with the rounds' spread.
     """
     cfg, K = preset.cfg, preset.levels
     n = num_tokens
     cases = [AB.Case("sjd2", window, batch, n, prompt_len, forced_upto=f) for f in (n, 0)]
-    (t_lo, i_lo), (t_hi, i_hi) = (AB.run_case(preset, c, params, repeat, clock) for c in cases)
+    sjd2_runs = [AB.case_runner(preset, c, params) for c in cases]
+    i_lo, i_hi = (run() for run in sjd2_runs)  # compiles; the iteration counts are fixed by the keys
     columns = AB.decode_args(preset, cases[1], params)[1].get("columns")
-    per_iter = (t_hi - t_lo) / max(i_hi - i_lo, 1)
     loop = plain_loop(
         params,
         cfg,
@@ -126,8 +119,24 @@ def measure(name, preset: AB.Preset, params, *, batch, window, num_tokens, promp
         start=prompt_len - 1,
         columns=columns,
     )
-    plain = [_best(lambda i=i: loop(i, n / max(i, 1)), repeat, clock) for i in (i_lo, i_hi)]
-    fwd = (plain[1] - plain[0]) / max(i_hi - i_lo, 1)
+    plain_runs = [lambda i=i: loop(i, n / max(i, 1)) for i in (i_lo, i_hi)]
+    for run in plain_runs:
+        run()  # compile and warm up
+    now = AB.CLOCKS[clock]
+
+    def timed(run) -> float:
+        t = now()
+        run()
+        return now() - t
+
+    span = max(i_hi - i_lo, 1)
+    per_iter, fwd = [], []
+    for _ in range(repeat):
+        s_lo, s_hi, p_lo, p_hi = (timed(r) for r in (*sjd2_runs, *plain_runs))
+        per_iter.append((s_hi - s_lo) / span)
+        fwd.append((p_hi - p_lo) / span)
+    ratios = [a / b for a, b in zip(per_iter, fwd, strict=True)]
+    mid = int(np.argsort(ratios)[(len(ratios) - 1) // 2])  # the median round (the lower one of an even count)
     row: dict[str, Any] = {
         "config": name,
         "batch": batch,
@@ -138,13 +147,15 @@ def measure(name, preset: AB.Preset, params, *, batch, window, num_tokens, promp
         "sampling": preset.sampling,
         "columns": None if columns is None else int(np.asarray(columns).shape[0]),
         "model": {"layers": cfg.num_layers, "hidden": cfg.hidden_size, "vocab": cfg.vocab_size},
-        "sjd2_iteration_s": per_iter,
-        "plain_forward_s": fwd,
-        "ratio": per_iter / fwd,
+        "sjd2_iteration_s": per_iter[mid],
+        "plain_forward_s": fwd[mid],
+        "ratio": ratios[mid],
+        "ratio_rounds": ratios,
     }
     print(
-        f"{name:<40} B={batch:<3} W={window} K={K}: SJD2 iteration {per_iter * 1e3:.2f} ms, "
-        f"plain forward {fwd * 1e3:.2f} ms -> {row['ratio']:.2f}x (iterations {i_lo} -> {i_hi})",
+        f"{name:<40} B={batch:<3} W={window} K={K}: SJD2 iteration {per_iter[mid] * 1e3:.2f} ms, "
+        f"plain forward {fwd[mid] * 1e3:.2f} ms -> {ratios[mid]:.2f}x, median of {repeat} rounds "
+        f"(min {min(ratios):.2f}x, max {max(ratios):.2f}x; iterations {i_lo} -> {i_hi})",
         flush=True,
     )
     return row
@@ -211,7 +222,7 @@ def main(argv=None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=9, help="alternating rounds; the median round's ratio is reported")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument(
         "--configs",
@@ -220,11 +231,19 @@ def main(argv=None) -> int:
         default=["demo", "family", "family-no-topk"],
         help="family-no-topk: the family model with top-k off, which isolates the cost of top-k",
     )
-    p.add_argument("--clock", choices=sorted(AB.CLOCKS), default="wall", help="cpu: process CPU time (shared CPUs)")
+    p.add_argument(
+        "--clock",
+        choices=sorted(AB.CLOCKS),
+        default="wall",
+        help="cpu: process CPU time (shared CPUs), with XLA on one thread unless --threads",
+    )
+    p.add_argument("--threads", action="store_true", help="with --clock cpu: leave XLA's thread pool as it is")
     p.add_argument("--json", type=Path, default=RESULTS / "engine_overhead.json")
     args = p.parse_args(argv)
     if args.repeat < 1 or any(b < 1 for b in args.batches):
         p.error("--repeat and --batches must be >= 1")
+    if args.clock == "cpu" and not args.threads:
+        AB.pin_xla_to_one_thread()
     t0 = time.time()
     rows = demo_rows(args.batches, args.repeat, args.clock) if "demo" in args.configs else []
     if "family" in args.configs:
@@ -235,6 +254,7 @@ def main(argv=None) -> int:
         "rows": rows,
         "backend": jax.default_backend(),
         "clock": args.clock,
+        "xla_one_thread": args.clock == "cpu" and not args.threads,
         "measured_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(t0)),
         "load_average_at_start": list(os.getloadavg()),
         "seconds": time.time() - t0,

@@ -16,19 +16,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# name -> generate options; the windows are the demo's default (64) and the short one (16)
+# name -> generate options; the windows are the demo's default (64) and short ones (16, 12).
+# Every SJD2 config is exact (lossless): the clean switch, the clean stream and coupling keep
+# AR's output distribution (tests/decode/test_lossless_switches.py).
 CONFIGS: dict[str, dict] = {
     "ar": {"method": "ar"},
     "sjd2 W=64 (defaults: coupled)": {"method": "sjd2", "window": 64},
     "sjd2 W=64 published": {"method": "sjd2", "window": 64, "coupled_refresh": False},
     "sjd2 W=64 stream8+coupled": {"method": "sjd2", "window": 64, "clean_stream": 8},
+    "sjd2 W=64 switch12+coupled": {"method": "sjd2", "window": 64, "clean_switch_level": 12},
     "sjd2 W=16 stream8+coupled": {"method": "sjd2", "window": 16, "clean_stream": 8},
+    "sjd2 W=16 switch12+coupled": {"method": "sjd2", "window": 16, "clean_switch_level": 12},
+    "sjd2 W=12 switch12+stream4+coupled": {"method": "sjd2", "window": 12, "clean_switch_level": 12, "clean_stream": 4},
     "sjd W=64 (defaults: coupled)": {"method": "sjd", "window": 64},
     "sjd W=16 coupled": {"method": "sjd", "window": 16},
 }
@@ -47,9 +51,10 @@ def main(argv=None) -> dict:
         ap.error("--prompts and --rounds must be >= 1")
     if "ar" not in args.configs:
         ap.error("the configs must include ar (the ratios' baseline)")
-    if not args.threads and "jax" not in __import__("sys").modules:
-        flags = os.environ.get("XLA_FLAGS", "")
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1".strip()
+    if not args.threads:
+        from benchmarks.accelerator_bench import pin_xla_to_one_thread
+
+        pin_xla_to_one_thread()
 
     import numpy as np
 
