@@ -206,11 +206,16 @@ def load_preset(name: str, scale: int = 1, dtype: str = "bfloat16") -> Preset:
 
 def compression_table(regime: str, results: Path = RESULTS) -> tuple[dict[int, float], str]:
     """SJD2 step compression by window for `regime` ({} if none measured): generate's default
-    (coupled refresh) from lossless_switches JSON where it has the window, else the published
-    SJD2 from eval_regimes JSON files."""
+    (coupled refresh, clean switch at K - stride = 16 on both regimes' checkpoints) from
+    lossless_switches JSON where it has the window, else coupled refresh alone from there,
+    else the published SJD2 from eval_regimes JSON files."""
     table: dict[int, float] = {}
     sources = []
-    for pattern, prefix in (("eval_regimes_{}*.json", "sjd2 W="), ("lossless_switches*.json", "sjd2+coupled W=")):
+    for pattern, prefix in (
+        ("eval_regimes_{}*.json", "sjd2 W="),
+        ("lossless_switches*.json", "sjd2+coupled W="),
+        ("lossless_switches*.json", "sjd2+switch16+coupled W="),
+    ):
         for path in sorted(results.glob(pattern.format(regime))):
             try:
                 configs = json.loads(path.read_text())["regimes"][regime]["configs"]

@@ -118,9 +118,12 @@ def eval_prompts(per_digit: int) -> tuple[list[str], np.ndarray]:
 def run_method(model, codec, prompts: list[str], method: str, seed: int, batch_size: int, **options) -> dict:
     """Generate every prompt (after one untimed warm-up batch that compiles). Returns images,
     steps [n], seconds per image. "sjd" and "sjd2" are the published methods here (their plain
-    refresh) unless the options ask for coupled_refresh, generate's default."""
+    refresh, and no clean switch for SJD2) unless the options ask for coupled_refresh or
+    clean_switch_level, generate's defaults."""
     if method in ("sjd", "sjd2"):
         options = {"coupled_refresh": False, **options}
+    if method == "sjd2":
+        options = {"clean_switch_level": 0, **options}
     B = min(batch_size, len(prompts))
     batches = [prompts[i : i + B] for i in range(0, len(prompts), B)]
     sjd2_jax.generate(model, batches[0][:1] * B, method=method, seed=10**6 + seed, **options)  # compile
@@ -238,7 +241,8 @@ def trajectory_plot(model, path: Path, prompt: str = "a handwritten 3", seed: in
     fig, axes = plt.subplots(2, 2, figsize=(12, 7), gridspec_kw={"height_ratios": [3, 1.3]})
     numbers = {}
     for col, method in enumerate(("sjd", "sjd2")):
-        g = sjd2_jax.generate(model, [prompt], method=method, seed=seed, trace=iterations, coupled_refresh=False)
+        published = {"coupled_refresh": False, **({"clean_switch_level": 0} if method == "sjd2" else {})}
+        g = sjd2_jax.generate(model, [prompt], method=method, seed=seed, trace=iterations, **published)
         final = g.tokens[0, len(g.plan.prefix) :]
         drafts, done = g.trace_drafts[:, 0], g.trace_done[:, 0]
         T = int(min(iterations, g.steps[0]))

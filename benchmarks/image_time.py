@@ -26,13 +26,14 @@ ROOT = Path(__file__).resolve().parents[1]
 # AR's output distribution (tests/decode/test_lossless_switches.py).
 CONFIGS: dict[str, dict] = {
     "ar": {"method": "ar"},
-    "sjd2 W=64 (defaults: coupled)": {"method": "sjd2", "window": 64},
-    "sjd2 W=64 published": {"method": "sjd2", "window": 64, "coupled_refresh": False},
-    "sjd2 W=64 stream8+coupled": {"method": "sjd2", "window": 64, "clean_stream": 8},
-    "sjd2 W=64 switch12+coupled": {"method": "sjd2", "window": 64, "clean_switch_level": 12},
-    "sjd2 W=16 stream8+coupled": {"method": "sjd2", "window": 16, "clean_stream": 8},
+    "sjd2 W=64 (defaults: coupled, switch16)": {"method": "sjd2", "window": 64},
+    "sjd2 W=64 coupled": {"method": "sjd2", "window": 64, "clean_switch_level": 0},
+    "sjd2 W=64 published": {"method": "sjd2", "window": 64, "coupled_refresh": False, "clean_switch_level": 0},
+    "sjd2 W=64 stream8+coupled": {"method": "sjd2", "window": 64, "clean_stream": 8, "clean_switch_level": 0},
+    "sjd2 W=16 (defaults: coupled, switch16)": {"method": "sjd2", "window": 16},
+    "sjd2 W=16 stream8+coupled": {"method": "sjd2", "window": 16, "clean_stream": 8, "clean_switch_level": 0},
     "sjd2 W=16 switch12+coupled": {"method": "sjd2", "window": 16, "clean_switch_level": 12},
-    "sjd2 W=12 switch12+stream4+coupled": {"method": "sjd2", "window": 12, "clean_switch_level": 12, "clean_stream": 4},
+    "sjd2 W=12 (defaults) + stream4": {"method": "sjd2", "window": 12, "clean_stream": 4},
     "sjd W=64 (defaults: coupled)": {"method": "sjd", "window": 64},
     "sjd W=16 coupled": {"method": "sjd", "window": 16},
 }

@@ -67,8 +67,10 @@ def configs(window: int, switch_levels: list[int], streams: list[int], fronts: l
         top = max(switch_levels)
         both = {"method": "sjd2", "clean_switch_level": top, "coupled_refresh": True}
         out[f"sjd2+switch{top}+coupled W={window}"] = both
-    # a name without "+coupled" is the published refresh (generate's default is the coupled one)
-    return {k: {"coupled_refresh": False, **v, "window": window} for k, v in out.items()}
+    # a name without "+coupled" is the published refresh and an SJD2 name without "+switch" has no
+    # clean switch (generate's defaults are the coupled refresh and, for exact SJD2, the switch)
+    off = lambda v: {"coupled_refresh": False, **({"clean_switch_level": 0} if v["method"] == "sjd2" else {})}
+    return {k: {**off(v), **v, "window": window} for k, v in out.items()}
 
 
 def inputs_per_pass(cfg: dict) -> int:

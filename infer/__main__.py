@@ -142,7 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     x = p.add_argument_group(
         "lossless switches (the output distribution stays exactly AR's, docs/design.md; "
-        "coupled refresh is on for sjd and sjd2, the others are off by default)"
+        "coupled refresh is on for sjd and sjd2 and the clean switch for exact sjd2, the others are off by default)"
     )
     x.add_argument(
         "--coupled-refresh",
@@ -155,7 +155,9 @@ def _parser() -> argparse.ArgumentParser:
         "--clean-switch-level",
         type=int,
         default=None,
-        help="sjd2 (exact): feed a position its draft's clean embedding once its level falls to this",
+        help="sjd2: feed a position its draft's clean embedding once its level falls to this (exact sjd2 "
+        "default: levels - denoise stride, i.e. after one denoise step; 0 with --no-coupled-refresh gives "
+        "the published SJD2)",
     )
     x.add_argument(
         "--clean-stream",

@@ -99,6 +99,16 @@ def _pad(rows: list[list[int]], length: int) -> np.ndarray:
     return out
 
 
+def default_clean_switch_level(method: str, exact: bool, noise: NoiseConfig) -> int:
+    """Exact SJD2's default clean switch: a position turns clean after its first denoise step
+    (level K - stride). Lossless, and with coupled refresh 1.11-1.81x fewer passes than without
+    it on both evaluation regimes at W = 16 and 64 (RESULTS.md, "Lossless switches"). 0 (off)
+    for the other methods and for paper mode; clean_switch_level=0 gives the published SJD2."""
+    if method != "sjd2" or not exact:
+        return 0
+    return max(noise.num_levels - noise.denoise_stride, 0)
+
+
 def generate(
     model,
     prompts,
@@ -125,8 +135,9 @@ def generate(
     e0_hat ("sample" | "mean"), stats ("all" | "image"), pure_noise_top, denoise_stride
     (levels per denoise step); trace=T records the window drafts of the first T iterations
     (Generation.trace_drafts / trace_done, for trajectory plots); the lossless switches
-    clean_switch_level and clean_stream (exact SJD2), coupled_refresh (SJD, SJD2; on unless
-    coupled_refresh=False) and front_candidates (SJD, SJD2), and paper mode's
+    clean_switch_level (SJD2; exact SJD2 defaults to K - denoise_stride, see
+    `default_clean_switch_level`; 0 turns it off), clean_stream (exact SJD2), coupled_refresh
+    (SJD, SJD2; on unless coupled_refresh=False) and front_candidates (SJD, SJD2), and paper mode's
     accept_max_level and recompute_noisy_kv (SJD2 with exact=False), see DecodeSpec. SJD2 uses the
     noise statistics the checkpoint records (`recorded_noise_stats`) when it has them.
     Randomness: prompts[k] is image first_index + k of the run, and every random draw
@@ -184,7 +195,9 @@ def generate(
     use_cfg = bool(np.any(np.asarray(cfg_scale) != 1.0))
 
     noise_kw = {NOISE_OPTIONS[k]: v for k, v in method_options.items() if k in NOISE_OPTIONS}
+    exact = bool(method_options.get("exact", True))
     try:
+        noise = NoiseConfig(**noise_kw)
         spec = DecodeSpec(
             method=method,
             window=int(method_options.get("window", DEFAULT_WINDOW[method])),
@@ -192,10 +205,12 @@ def generate(
             head=plan.head,
             guidance=use_cfg,
             guidance_mode=plan.cfg_mode,
-            exact=bool(method_options.get("exact", True)),
-            noise=NoiseConfig(**noise_kw),
+            exact=exact,
+            noise=noise,
             trace=int(method_options.get("trace", 0)),
-            clean_switch_level=int(method_options.get("clean_switch_level", 0)),
+            clean_switch_level=int(
+                method_options.get("clean_switch_level", default_clean_switch_level(method, exact, noise))
+            ),
             # On by default for SJD and SJD2: lossless, and 1.03-2.15x fewer passes on both
             # evaluation regimes (RESULTS.md, "Lossless switches"); DecodeSpec keeps it off.
             coupled_refresh=bool(method_options.get("coupled_refresh", method in ("sjd", "sjd2"))),

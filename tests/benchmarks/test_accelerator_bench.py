@@ -52,6 +52,9 @@ def test_compression_comes_from_eval_regimes_json_at_the_nearest_window(tmp_path
     doc = {"regimes": {"photo": {"configs": coupled}}}
     (tmp_path / "lossless_switches.json").write_text(json.dumps(doc))
     assert AB.compression_table("photo", tmp_path)[0] == {16: 2.0, 32: 2.5, 64: 6.0}
+    coupled["sjd2+switch16+coupled W=16"] = {"compression_mean": 4.0}  # today's default, where measured
+    (tmp_path / "lossless_switches.json").write_text(json.dumps(doc))
+    assert AB.compression_table("photo", tmp_path)[0] == {16: 4.0, 32: 2.5, 64: 6.0}
 
 
 def test_bandwidth_by_device_kind_or_override():

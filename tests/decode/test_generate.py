@@ -106,6 +106,33 @@ def test_coupled_refresh_is_on_by_default_for_sjd_and_sjd2(models, monkeypatch):
     assert not specs[-1].coupled_refresh and ar.tokens.shape[0] == 2
 
 
+def test_exact_sjd2_defaults_to_the_clean_switch_after_one_denoise_step(models, monkeypatch):
+    """generate's exact SJD2 switches a position clean once its level reaches K - stride (one
+    denoise step); clean_switch_level=0 gives the published SJD2; paper mode and the other
+    methods keep it off. The default run is the explicit run, token for token."""
+    gen_mod = importlib.import_module("sjd2_jax.decode.generate")
+    specs = []
+
+    def recording_decode(params, cfg, spec, *args, **kw):
+        specs.append(spec)
+        return decode(params, cfg, spec, *args, **kw)
+
+    monkeypatch.setattr(gen_mod, "decode", recording_decode)
+    m = models["chameleon"]
+    size = SIZES["chameleon"]
+    run = lambda method="sjd2", **kw: sjd2_jax.generate(m, PROMPTS, method=method, size=size, seed=5, **kw)
+    default = run(window=6, levels=5, denoise_stride=2)
+    explicit = run(window=6, levels=5, denoise_stride=2, clean_switch_level=3)
+    run(window=6, levels=5, denoise_stride=2, clean_switch_level=0)
+    run(window=6, levels=5, denoise_stride=2, exact=False)
+    run(window=6, levels=3)  # stride 1
+    run(window=6, levels=2, denoise_stride=4)  # one step reaches level 0: nothing to switch
+    run("sjd", window=6)
+    assert [s.clean_switch_level for s in specs] == [3, 3, 0, 0, 2, 0, 0]
+    np.testing.assert_array_equal(default.tokens, explicit.tokens)
+    np.testing.assert_array_equal(default.steps, explicit.steps)
+
+
 def test_sampled_generation_respects_layout_and_no_recompile(models, monkeypatch):
     m = models["emu3"]
     traced_once = jax.jit(chex.assert_max_traces(decode.__wrapped__, n=1), static_argnames=("cfg", "spec"))
