@@ -81,18 +81,24 @@ def test_greedy_with_every_lossless_switch_agrees_with_ar(models):
         assert np.all(r.steps < ref.steps)
 
 
-def test_coupled_refresh_is_on_by_default_for_sjd_and_sjd2(models, monkeypatch):
-    """generate's default refresh for SJD and SJD2 is the coupled one (coupled_refresh=False gives
-    the published refresh); the spec reaching the engine says so, and the default run is the
-    explicitly coupled run, token for token."""
-    gen_mod = importlib.import_module("sjd2_jax.decode.generate")
-    specs = []
+@pytest.fixture
+def engine_specs(monkeypatch) -> list:
+    """The DecodeSpec of every decode that generate runs during the test, in order."""
+    specs: list = []
 
     def recording_decode(params, cfg, spec, *args, **kw):
         specs.append(spec)
         return decode(params, cfg, spec, *args, **kw)
 
-    monkeypatch.setattr(gen_mod, "decode", recording_decode)
+    monkeypatch.setattr(importlib.import_module("sjd2_jax.decode.generate"), "decode", recording_decode)
+    return specs
+
+
+def test_coupled_refresh_is_on_by_default_for_sjd_and_sjd2(models, engine_specs):
+    """generate's default refresh for SJD and SJD2 is the coupled one (coupled_refresh=False gives
+    the published refresh); the spec reaching the engine says so, and the default run is the
+    explicitly coupled run, token for token."""
+    specs = engine_specs
     m = models["chameleon"]
     for method, opts in [("sjd", {"window": 5}), ("sjd2", {"window": 6, "levels": 3})]:
         runs = {
@@ -106,18 +112,11 @@ def test_coupled_refresh_is_on_by_default_for_sjd_and_sjd2(models, monkeypatch):
     assert not specs[-1].coupled_refresh and ar.tokens.shape[0] == 2
 
 
-def test_exact_sjd2_defaults_to_the_clean_switch_after_one_denoise_step(models, monkeypatch):
+def test_exact_sjd2_defaults_to_the_clean_switch_after_one_denoise_step(models, engine_specs):
     """generate's exact SJD2 switches a position clean once its level reaches K - stride (one
     denoise step); clean_switch_level=0 gives the published SJD2; paper mode and the other
     methods keep it off. The default run is the explicit run, token for token."""
-    gen_mod = importlib.import_module("sjd2_jax.decode.generate")
-    specs = []
-
-    def recording_decode(params, cfg, spec, *args, **kw):
-        specs.append(spec)
-        return decode(params, cfg, spec, *args, **kw)
-
-    monkeypatch.setattr(gen_mod, "decode", recording_decode)
+    specs = engine_specs
     m = models["chameleon"]
     size = SIZES["chameleon"]
     run = lambda method="sjd2", **kw: sjd2_jax.generate(m, PROMPTS, method=method, size=size, seed=5, **kw)
