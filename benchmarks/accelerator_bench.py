@@ -18,8 +18,9 @@ fills the cache to --context tokens first (default: half an image plus 64 prompt
 average cache length over one image's decode), so each pass reads a realistic KV cache.
 
 Images/s: AR needs N passes per image (N = the image's generated tokens); SJD2 at window W needs
-N / c(W), with c(W) the measured step compression of generate's default SJD2 (coupled refresh;
-benchmarks/lossless_switches.py's JSON under benchmarks/results/), where a window lacks it the
+N / c(W), with c(W) the measured step compression of generate's default SJD2 (coupled refresh
+and the clean switch at K - stride; benchmarks/lossless_switches.py's JSON under
+benchmarks/results/; coupled refresh alone where the switch was not measured), where a window lacks it the
 published SJD2's (benchmarks/eval_regimes.py's JSON): the photo regime for the full-size
 presets, the demo regime for `demo`; a window neither measured takes the nearest measured
 one; or --compression for every window.
