@@ -82,7 +82,8 @@ class DecodeSpec:
     # at one fixed position), so compute them once at prefill into the cache's last K slots and
     # feed only the W window inputs per pass. False: feed them with every pass (the reference).
     cache_timesteps: bool = True
-    # Lossless switches (docs/design.md, "Lossless switches"); both off by default.
+    # Lossless switches (docs/design.md, "Lossless switches"); all off in DecodeSpec (generate turns
+    # coupled_refresh on for SJD and SJD2, and clean_switch_level on for exact SJD2).
     # clean_switch_level: an SJD2 position whose level falls to this value or below (after its
     # denoise step) is fed its draft's clean embedding from then on and counts as clean for
     # verification; its q stays the one its draft was drawn from. 0 = off.
