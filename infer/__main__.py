@@ -16,6 +16,10 @@ folder it points to is written.
 Imported Emu3 / Janus-Pro checkpoints bring their image codec, Lumina-mGPT ones get it from
 `convert import --vqgan` or `convert add-codec`; a checkpoint without one gets each image's
 code grid as NNN.npy instead of a PNG.
+Multi-process jobs (TPU pods, GPU clusters; or by hand: JAX_COORDINATOR_ADDRESS=host:port
+SJD2_NUM_PROCESSES=N SJD2_PROCESS_ID=i in each process's environment) run the same command in every
+process with --mesh spanning all their devices; process i writes the images it owns, with their
+stats.json and manifest.json, into --out/process-i.
 """
 
 from __future__ import annotations
@@ -105,7 +109,8 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SPEC",
         help="shard over a device mesh, e.g. data=2,tensor=4 (train's --mesh syntax: axes data, fsdp, tensor, "
         "sizes multiplying to the device count): rows split over data x fsdp (--batch-size a multiple of it), "
-        "parameters over tensor (it must divide the heads) and fsdp; each host writes its own images "
+        "parameters over tensor (it must divide the heads) and fsdp; in a multi-process job each process writes "
+        "its own images into OUT/process-I "
         "(default: one device)",
     )
     p.add_argument("--out", type=Path, default=Path("out/infer"), help="output folder (default out/infer)")
@@ -306,6 +311,29 @@ def _check_model_defaults(args, model_dir) -> None:
         raise InferError(str(e)) from None
 
 
+def _join_multiprocess_job(args) -> Path:
+    """In a multi-process job (TPU pod, GPU cluster, or SJD2_NUM_PROCESSES; see
+    sjd2_jax.multihost) join it before any device is touched. Each process then writes the
+    images it owns into its own folder, --out/process-<index>, so processes that share a
+    file system never replace each other's output."""
+    import jax
+
+    from sjd2_jax import multihost
+
+    try:
+        multihost.initialize_from_environment()
+    except ValueError as e:
+        raise InferError(f"multi-process setup: {e}") from None
+    if jax.process_count() > 1:
+        if args.mesh is None:
+            raise InferError(
+                f"this is process {jax.process_index()} of a {jax.process_count()}-process job: "
+                "give --mesh (e.g. --mesh data=N) so that the processes share the work"
+            )
+        return Path(args.out) / f"process-{jax.process_index()}"
+    return Path(args.out)
+
+
 def _mesh(args, model_dir):
     """--mesh as a device mesh (None without it); refused before any work if the devices or
     the model's heads do not fit it."""
@@ -484,6 +512,7 @@ def run(args, log=print, signals: _Signals | None = None) -> list[dict]:
 
     signals = signals or _Signals()
     _check_args(args)
+    args.out = _join_multiprocess_job(args)  # this process's output folder
     prompts = read_prompts(args)
     model_dir = args.model or sjd2_jax.DEMO_MODEL
     if prompts is None:
@@ -508,7 +537,13 @@ def run(args, log=print, signals: _Signals | None = None) -> list[dict]:
     B = min(args.batch_size, len(prompts))
     clock = _CompileClock()
     records = []
-    bar = tqdm(total=len(prompts) * len(methods), desc="images", unit="img", disable=args.no_progress, file=sys.stderr)
+    bar = tqdm(
+        total=len(prompts) * len(methods),
+        desc="images",
+        unit="img",
+        disable=args.no_progress or jax.process_index() != 0,  # one bar per job, not per process
+        file=sys.stderr,
+    )
     # Checked by _prepare_out, and again just before the swap (files may have appeared meanwhile).
     replaceable = lambda folder: _check_replaceable(folder, args.out)
     with ckpt.atomic_output_dir(args.out, replace=True, check_replace=replaceable) as tmp:

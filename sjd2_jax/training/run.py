@@ -21,6 +21,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from sjd2_jax import multihost
 from sjd2_jax.codecs import codec_files
 from sjd2_jax.decode.options import SCHEDULE_OPTIONS
 from sjd2_jax.io import checkpoint as ckpt
@@ -39,18 +40,6 @@ RUN_RECORD = "run.json"  # the TrainConfig a run started with (its learning-rate
 # Settings a resumed run may change: they change where training stops or how a step is computed
 # (memory, precision of compute), not what it optimises.
 RESUME_MAY_CHANGE = ("steps", "compute_dtype", "remat", "grad_accum", "attention", "attention_block", "loss_chunk")
-
-
-def maybe_initialize_distributed() -> None:
-    """Multi-host (TPU pod, GPU cluster): join the job when the environment describes one."""
-    env = os.environ
-    if (
-        env.get("JAX_COORDINATOR_ADDRESS")
-        or env.get("SJD2_DISTRIBUTED") == "1"
-        or int(env.get("SLURM_NTASKS", "1")) > 1
-        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-    ):
-        jax.distributed.initialize()
 
 
 @contextlib.contextmanager
@@ -356,7 +345,10 @@ def run(
     progress: bool = True,
     log=print,
 ) -> dict:
-    maybe_initialize_distributed()
+    try:
+        multihost.initialize_from_environment()
+    except ValueError as e:
+        raise TrainError(f"multi-process setup: {e}") from None
     check_out_dir(run_dir)
     # orbax needs absolute paths; resolve once so relative --out/--model/--data work
     model_dir, data_dir, run_dir = Path(model_dir).resolve(), Path(data_dir).resolve(), Path(run_dir).resolve()
