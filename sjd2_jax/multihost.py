@@ -13,6 +13,7 @@ import os
 from collections.abc import Mapping
 
 import jax
+import numpy as np
 
 
 def _int_variable(env: Mapping[str, str], name: str) -> int:
@@ -60,3 +61,50 @@ def initialize_from_environment(env: Mapping[str, str] | None = None) -> bool:
         return True
     jax.distributed.initialize(**kwargs)
     return True
+
+
+def is_primary() -> bool:
+    """True in the process that writes what is written once per job (process 0)."""
+    return jax.process_index() == 0
+
+
+def to_host(x) -> np.ndarray:
+    """A (possibly multi-process) global array as one NumPy array in this process. Across
+    processes this is a collective: every process of the job must call it."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def barrier(name: str) -> None:
+    """Wait until every process of the job reaches the barrier `name` (no-op for one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def agree(text: str) -> str:
+    """Process 0's `text` (at most 64 ASCII characters) in every process of the job."""
+    if jax.process_count() == 1:
+        return text
+    from jax.experimental import multihost_utils
+
+    data = np.zeros(64, np.uint8)
+    raw = text.encode("ascii")
+    if len(raw) > data.size:
+        raise ValueError(f"agree: {text!r} is longer than {data.size} characters")
+    data[: len(raw)] = np.frombuffer(raw, np.uint8)
+    shared = np.asarray(multihost_utils.broadcast_one_to_all(data))
+    return bytes(shared[shared != 0]).decode("ascii")
+
+
+def all_true(flag: bool) -> bool:
+    """True if `flag` is true in every process of the job (a collective: every process calls it)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(np.asarray(multihost_utils.process_allgather(np.int32(bool(flag))))))

@@ -1,8 +1,11 @@
-"""Shared test helpers: the CLI error contract of `python -m convert`, fast random parameters."""
+"""Shared test helpers: the CLI error contract of `python -m convert`, fast random parameters,
+tiny checkpoints, two-process JAX jobs."""
 
 from pathlib import Path
 
 from convert.__main__ import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def expect_cli_error(argv, capsys, *needles) -> str:
@@ -103,3 +106,40 @@ def tiny_demo_checkpoint(path, num_heads=4, seed=0, levels=4):
     defaults["methods"]["sjd2"].update(levels=levels, window=8, denoise_stride=1)
     (path / ckpt.GENERATION_FILE).write_text(json.dumps(defaults, indent=2) + "\n")
     return path
+
+
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on now (for a test's JAX coordinator)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_process_job(cmd, devices: int, env: dict | None = None, timeout: float = 600) -> list[tuple[int, str, str]]:
+    """Run `cmd` as the two processes of one JAX job on this machine (`devices` CPU devices each,
+    joined through sjd2_jax.multihost's variables); [(returncode, stdout, stderr)] per process."""
+    import os
+    import subprocess
+
+    port = free_port()
+    procs = []
+    for i in range(2):
+        penv = dict(
+            os.environ,
+            XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+            JAX_PLATFORMS="cpu",
+            JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+            SJD2_NUM_PROCESSES="2",
+            SJD2_PROCESS_ID=str(i),
+            **(env or {}),
+        )
+        pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs.append(subprocess.Popen(list(map(str, cmd)), cwd=ROOT, env=penv, **pipes))
+    try:
+        results = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, results, strict=True)]

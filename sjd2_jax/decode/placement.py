@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from sjd2_jax import multihost
 from sjd2_jax.model import sharding as SH
 from sjd2_jax.model.config import ModelConfig
 
@@ -96,15 +97,6 @@ def _put_any(mesh: Mesh, x, put) -> jax.Array:
     return put(mesh, x)
 
 
-def to_host(x) -> np.ndarray:
-    """A (possibly multi-host) global array as one NumPy array on this host."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
-
-
 def row_writers(n: int, mesh: Mesh, process_of=None) -> np.ndarray:
     """int [n]: the process that writes each of the first n rows' outputs.
 
@@ -153,7 +145,7 @@ def place_replicated(mesh: Mesh | None, tree):
 
 def result_rows(result, n: int):
     """A DecodeResult on this host (gathered across hosts) with only its first n (unpadded) rows."""
-    host = jax.tree.map(to_host, result)
+    host = jax.tree.map(multihost.to_host, result)
     return host.replace(
         tokens=host.tokens[:n],
         steps=host.steps[:n],

@@ -205,7 +205,10 @@ def _signals_deferred() -> Iterator[None]:
 
 @contextlib.contextmanager
 def atomic_output_dir(
-    out_dir: str | os.PathLike, replace: bool = False, check_replace: Callable[[Path], None] | None = None
+    out_dir: str | os.PathLike,
+    replace: bool = False,
+    check_replace: Callable[[Path], None] | None = None,
+    collective: bool = False,
 ):
     """Yield a temporary sibling folder; rename it to out_dir only if the block succeeds.
 
@@ -215,16 +218,36 @@ def atomic_output_dir(
     A symlinked out_dir stays a symlink: the folder it points to is the one written (a
     dangling symlink is refused before the block runs). Any exception, KeyboardInterrupt
     included, removes the temporary folder.
+
+    collective: every process of a multi-process job enters the block with the same out_dir
+    on a shared file system (as an orbax save needs); they get the same temporary folder,
+    process 0 creates and renames it, and nobody leaves before the folder is in place.
     """
-    out = Path(out_dir)
+    if collective and jax.process_count() > 1:
+        with _collective_output_dir(Path(out_dir), replace, check_replace) as tmp:
+            yield tmp
+    else:
+        with _output_dir(Path(out_dir), replace, check_replace, uuid.uuid4().hex[:8]) as tmp:
+            yield tmp
+
+
+def _resolved(out: Path) -> Path:
+    """A symlinked folder is written through: the folder it points to (a dangling link is refused)."""
     if out.is_symlink():
         if not out.exists():
             raise FileNotFoundError(f"output folder {out} is a symlink to {os.readlink(out)}, which does not exist")
-        out = out.resolve()
+        return out.resolve()
+    return out
+
+
+@contextlib.contextmanager
+def _output_dir(out_dir: Path, replace: bool, check_replace, suffix: str):
+    """atomic_output_dir in one process, writing into .NAME.tmp-SUFFIX beside the folder."""
+    out = _resolved(out_dir)
     if out.exists() and not replace:
         raise FileExistsError(f"output folder {out_dir} already exists; choose a new path")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = out.parent / f".{out.name}.tmp-{suffix}"
     tmp.mkdir()
     try:
         yield tmp
@@ -241,6 +264,44 @@ def atomic_output_dir(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def _collective_output_dir(out_dir: Path, replace: bool, check_replace):
+    """atomic_output_dir(collective=True) in a job of several processes. Every step that could
+    fail in one process ends in a vote of all of them, so a failure anywhere is raised
+    everywhere (and the temporary folder removed) instead of leaving the others waiting."""
+    from sjd2_jax import multihost
+
+    suffix = multihost.agree(uuid.uuid4().hex[:8])  # process 0's choice: one folder for all
+    primary = multihost.is_primary()
+    done = False
+    try:
+        with contextlib.ExitStack() as stack:
+            tmp = None
+            try:
+                if primary:  # process 0 creates the folder, and renames it when leaving `stack`
+                    tmp = stack.enter_context(_output_dir(out_dir, replace, check_replace, suffix))
+            finally:
+                created = multihost.all_true(tmp is not None or not primary)
+            if not created:
+                raise RuntimeError(f"process 0 could not create the temporary folder of {out_dir}")
+            if tmp is None:
+                out = _resolved(out_dir)
+                tmp = out.parent / f".{out.name}.tmp-{suffix}"
+            written = False
+            try:
+                yield tmp
+                written = True
+            finally:
+                all_written = multihost.all_true(written)
+            if not all_written:
+                raise RuntimeError(f"another process failed while writing {out_dir}")
+        done = True
+    finally:
+        everyone_done = multihost.all_true(done)  # process 0 has put the folder in place
+    if not everyone_done:
+        raise RuntimeError(f"process 0 could not put {out_dir} in place")
 
 
 def generation_defaults(ckpt_dir) -> dict:

@@ -18,7 +18,6 @@ import warnings
 from pathlib import Path
 
 import jax
-import numpy as np
 from tqdm import tqdm
 
 from sjd2_jax import multihost
@@ -187,21 +186,14 @@ def _restore_latest(mngr, abstract: TrainState, root: Path, log):
                     mngr.reload()
                 return step, r["state"], r["data"]
             reason, why = "unreadable", f"it cannot be restored: {failure}"
-        _sync("sjd2-damaged-checked")
+        multihost.barrier("sjd2-damaged-checked")
         aside = _move_aside(step_dir, reason) if jax.process_index() == 0 else step_dir
-        _sync("sjd2-damaged-moved")
+        multihost.barrier("sjd2-damaged-moved")
         moved = True
         log(f"warning: checkpoint at step {step} is damaged ({why}); kept as {aside}, falling back to an earlier one")
     if moved:
         mngr.reload()
     return None
-
-
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 def _truncate_metrics(path: Path, last_step: int, log) -> None:
@@ -291,44 +283,52 @@ def write_final(run_dir: Path, model_dir: Path, cfg, params, tc: TrainConfig, st
     stats: with the SJD2 objective, the frozen noise-space statistics the run trained with;
     they go into the checkpoint (ckpt.NOISE_STATS_FILE) so decoding uses them."""
     out = run_dir / FINAL
-    host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
-    with ckpt.atomic_output_dir(out, replace=True) as tmp:  # a rerun's final/ replaces the old one
+    # Every process of a multi-process job calls this: gathering sharded arrays and the orbax
+    # save are collectives. Process 0 writes the rest.
+    host = jax.tree.map(multihost.to_host, params)
+    host_stats = None if stats is None else jax.tree.map(multihost.to_host, stats)
+    with ckpt.atomic_output_dir(out, replace=True, collective=True) as tmp:  # a rerun's final/ replaces it
         ckpt.save_params(tmp / ckpt.PARAMS_DIR, host)
-        meta = ckpt.read_meta(model_dir)
-        src = dict(meta.get("source", {}), finetuned_from=str(model_dir), objective=tc.objective)
-        ckpt.write_config(tmp, cfg.replace(dtype=tc.param_dtype), src)
-        ckpt.copy_files(
-            model_dir,
-            tmp,
-            (
-                ckpt.HF_CONFIG_FILE,
-                ckpt.ASIDE_FILE,
-                "generation_config.json",
-                *ckpt.TOKENIZER_FILES,
-                ckpt.GENERATION_FILE,
-                *codec_files(model_dir),
-            ),
-        )
-        if tc.objective == "sjd2":  # decode with the noise schedule the model was trained on
-            gen = ckpt.generation_defaults(model_dir)
-            n = tc.noise
-            sjd2 = dict(
-                gen.get("methods", {}).get("sjd2", {}),
-                levels=n.num_levels,
-                sigma_min=n.sigma_min,
-                sigma_max=n.sigma_max,
-                rho=n.rho,
-                parametrization=n.parametrization,
-                pure_noise_top=n.pure_noise_top,
-                stats=n.stats,
-            )
-            gen["methods"] = dict(gen.get("methods", {}), sjd2=sjd2)
-            ckpt.write_generation_defaults(tmp, gen)
-            if stats is not None:
-                schedule = {k: v for k, v in sjd2.items() if k in SCHEDULE_OPTIONS}
-                host_stats = jax.device_get(stats)
-                ckpt.write_noise_stats(tmp, host_stats.mean, host_stats.std, schedule, rows=NOISE_STATS_ROWS)
+        if multihost.is_primary():
+            _write_final_files(tmp, model_dir, cfg, tc, host_stats)
     return out
+
+
+def _write_final_files(tmp: Path, model_dir: Path, cfg, tc: TrainConfig, host_stats) -> None:
+    """Everything of the final checkpoint but its parameters."""
+    meta = ckpt.read_meta(model_dir)
+    src = dict(meta.get("source", {}), finetuned_from=str(model_dir), objective=tc.objective)
+    ckpt.write_config(tmp, cfg.replace(dtype=tc.param_dtype), src)
+    ckpt.copy_files(
+        model_dir,
+        tmp,
+        (
+            ckpt.HF_CONFIG_FILE,
+            ckpt.ASIDE_FILE,
+            "generation_config.json",
+            *ckpt.TOKENIZER_FILES,
+            ckpt.GENERATION_FILE,
+            *codec_files(model_dir),
+        ),
+    )
+    if tc.objective == "sjd2":  # decode with the noise schedule the model was trained on
+        gen = ckpt.generation_defaults(model_dir)
+        n = tc.noise
+        sjd2 = dict(
+            gen.get("methods", {}).get("sjd2", {}),
+            levels=n.num_levels,
+            sigma_min=n.sigma_min,
+            sigma_max=n.sigma_max,
+            rho=n.rho,
+            parametrization=n.parametrization,
+            pure_noise_top=n.pure_noise_top,
+            stats=n.stats,
+        )
+        gen["methods"] = dict(gen.get("methods", {}), sjd2=sjd2)
+        ckpt.write_generation_defaults(tmp, gen)
+        if host_stats is not None:
+            schedule = {k: v for k, v in sjd2.items() if k in SCHEDULE_OPTIONS}
+            ckpt.write_noise_stats(tmp, host_stats.mean, host_stats.std, schedule, rows=NOISE_STATS_ROWS)
 
 
 def run(
@@ -394,17 +394,20 @@ def run(
                 f"no checkpoint in {run_dir / CHECKPOINTS} can be restored (the damaged ones are kept "
                 "there as step_N.damaged-*); run again to start from step 0"
             )
+    primary = multihost.is_primary()  # the process that writes metrics.jsonl
     if restored:
         start, state, data_state = restored
         loader.restore(data_state)
-        _truncate_metrics(metrics_file, start, log)
+        if primary:
+            _truncate_metrics(metrics_file, start, log)
         del params0
         log(f"resumed from step {start}")
     else:
         start = 0
         state = init_state(params0, cfg, sched_tc, state_sh)
         del params0
-        metrics_file.write_text("")
+        if primary:
+            metrics_file.write_text("")
 
     step_fn = build_step(cfg, sched_tc, mesh_obj, state_sh)
     bsh = SH.batch_sharding(mesh_obj)
@@ -413,6 +416,13 @@ def run(
 
     def on_term(signum, frame):
         stop["signal"] = signum
+
+    def stopping() -> bool:
+        """A SIGTERM reached this process, or (in a multi-process job) any other: every process
+        stops after the same step, so none is left waiting in the next step's collectives."""
+        if jax.process_count() == 1:
+            return stop["signal"] is not None
+        return not multihost.all_true(stop["signal"] is None)
 
     signal.signal(signal.SIGTERM, on_term)
     last_saved = start
@@ -445,9 +455,11 @@ def run(
             file=sys.stderr,
             disable=not progress or jax.process_index() != 0,
         )
-        with open(metrics_file, "a") as mf:
+        stopped = False
+        with open(metrics_file if primary else os.devnull, "a") as mf:
             while step < tc.steps:
-                if stop["signal"] is not None:
+                stopped = stopping()
+                if stopped:
                     break
                 local = next(loader)
                 batch = {
@@ -489,7 +501,7 @@ def run(
                     last_saved = step
                     summary()
         bar.close()
-        if stop["signal"] is not None and last_saved != step:
+        if stopped and last_saved != step:
             _save(mngr, sealer, step, state, loader.state(), wait=True)
             last_saved = step
             summary()
@@ -501,8 +513,8 @@ def run(
         sealer.join(raise_error=False)  # a failure is on its way up already
         with _quiet():
             mngr.close()
-    result = {"step": step, "last_checkpoint": last_saved, "stopped_by_signal": stop["signal"] is not None}
-    if step >= tc.steps and jax.process_index() == 0:
+    result = {"step": step, "last_checkpoint": last_saved, "stopped_by_signal": stopped}
+    if step >= tc.steps:  # every process takes part (write_final's gathers and save are collectives)
         result["final"] = str(write_final(run_dir, model_dir, cfg, state.params, tc, stats=stats))
     return result
 

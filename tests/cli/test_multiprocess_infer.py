@@ -8,9 +8,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,18 +15,11 @@ import pytest
 
 from sjd2_jax import multihost
 
-from helpers import tiny_demo_checkpoint
+from helpers import tiny_demo_checkpoint, two_process_job
 
-ROOT = Path(__file__).resolve().parents[2]
 # Five prompts through two slots: the queue refills rows inside the loop, and the split is uneven.
 PROMPTS = ["a handwritten 4", "the digit nine", "a 7", "number two", "a handwritten 0"]
 RUN = ["--method", "sjd2", "--seed", "4", "--batch-size", "2", "--no-progress"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _images(folder: Path) -> dict[str, bytes]:
@@ -50,27 +40,9 @@ def test_two_processes_write_every_image_once_as_one_process_does(tmp_path):
     assert len(reference) == len(PROMPTS)
 
     out = tmp_path / "two"
-    port = _free_port()
-    cmd = [sys.executable, "-m", "infer", *common, "--mesh", "data=2,tensor=4", "--out", str(out)]
-    procs = []
-    for i in range(2):
-        env = dict(
-            os.environ,
-            XLA_FLAGS="--xla_force_host_platform_device_count=4",
-            JAX_PLATFORMS="cpu",
-            JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-            SJD2_NUM_PROCESSES="2",
-            SJD2_PROCESS_ID=str(i),
-        )
-        pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, **pipes))
-    try:
-        results = [p.communicate(timeout=600) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for i, (p, (_, stderr)) in enumerate(zip(procs, results, strict=True)):
-        assert p.returncode == 0, f"process {i}: {stderr[-3000:]}"
+    cmd = [sys.executable, "-m", "infer", *common, "--mesh", "data=2,tensor=4", "--out", out]
+    for i, (rc, _, err) in enumerate(two_process_job(cmd, devices=4)):
+        assert rc == 0, f"process {i}: {err[-3000:]}"
 
     written = [_images(out / f"process-{i}") for i in range(2)]
     # each process wrote its own rows (data=2 splits the rows between them), no image twice
