@@ -117,9 +117,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_process_job(cmd, devices: int, env: dict | None = None, timeout: float = 600) -> list[tuple[int, str, str]]:
-    """Run `cmd` as the two processes of one JAX job on this machine (`devices` CPU devices each,
-    joined through sjd2_jax.multihost's variables); [(returncode, stdout, stderr)] per process."""
+def start_two_process_job(cmd, devices: int, env: dict | None = None) -> list:
+    """Start `cmd` as the two processes of one JAX job on this machine (`devices` CPU devices each,
+    joined through sjd2_jax.multihost's variables); their Popen objects (text pipes)."""
     import os
     import subprocess
 
@@ -137,9 +137,19 @@ def two_process_job(cmd, devices: int, env: dict | None = None, timeout: float =
         )
         pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         procs.append(subprocess.Popen(list(map(str, cmd)), cwd=ROOT, env=penv, **pipes))
+    return procs
+
+
+def finish_job(procs, timeout: float = 600) -> list[tuple[int, str, str]]:
+    """[(returncode, stdout, stderr)] of each process once all have ended (killed after `timeout`)."""
     try:
         results = [p.communicate(timeout=timeout) for p in procs]
     finally:
         for p in procs:
             p.kill()
     return [(p.returncode, out, err) for p, (out, err) in zip(procs, results, strict=True)]
+
+
+def two_process_job(cmd, devices: int, env: dict | None = None, timeout: float = 600) -> list[tuple[int, str, str]]:
+    """Run `cmd` as a two-process job to its end: [(returncode, stdout, stderr)] per process."""
+    return finish_job(start_two_process_job(cmd, devices, env), timeout)
