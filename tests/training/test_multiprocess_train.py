@@ -17,13 +17,13 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from test_run import CFG, TC, make_data
+from test_run import CFG, TC, write_assets
 
 from sjd2_jax.io import checkpoint as ckpt
 from sjd2_jax.training.run import run
 from sjd2_jax.training.step import TrainConfig
 
-from helpers import finish_job, numpy_params, start_two_process_job, two_process_job
+from helpers import finish_job, start_two_process_job, two_process_job
 
 STEPS, SAVE_EVERY, BATCH, MESH = 6, 3, 8, "data=2,fsdp=2,tensor=2"
 
@@ -40,16 +40,8 @@ def _train_command(model, data, out, steps, save_every=SAVE_EVERY):
     ]  # fmt: skip
 
 
-def _assets(root: Path):
-    model = root / "model"
-    model.mkdir()
-    ckpt.save_params(model / "params", numpy_params(CFG, 0))
-    ckpt.write_config(model, CFG)
-    return model, make_data(root / "data")
-
-
 def test_two_processes_train_as_one_process_does(tmp_path):
-    model, data = _assets(tmp_path)
+    model, data = write_assets(tmp_path)
 
     tc = TrainConfig(steps=STEPS, batch_size=BATCH, **TC)
     one = run(model, data, tmp_path / "one", tc, mesh=MESH, save_every=SAVE_EVERY, progress=False, log=lambda *_: None)
@@ -78,7 +70,7 @@ def test_a_sigterm_to_one_process_stops_both_at_one_step_and_the_job_resumes(tmp
     """A preemption notice often reaches one host first: both processes stop after the same
     step with one checkpoint (none is left waiting in the next step's collectives), and the
     two-process job resumes from it to the end."""
-    model, data = _assets(tmp_path)
+    model, data = write_assets(tmp_path)
     out = tmp_path / "run"
     procs = start_two_process_job(_train_command(model, data, out, steps=300, save_every=100), devices=4)
     metrics = out / "metrics.jsonl"

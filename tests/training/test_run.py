@@ -49,14 +49,18 @@ def make_data(folder: Path, n=48, seed=0):
     return folder
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
+def write_assets(root: Path):
+    """(model folder, data folder) under root: a random CFG model and make_data's records."""
     md = root / "model"
     md.mkdir()
     ckpt.save_params(md / "params", numpy_params(CFG, 0))
     ckpt.write_config(md, CFG)
     return md, make_data(root / "data")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return write_assets(tmp_path_factory.mktemp("train"))
 
 
 def test_sharded_step_equals_single_device(assets):
